@@ -1,0 +1,154 @@
+"""`jasper-cache`: prepare a corpus into a store, inspect it, verify it, look texts up."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import from_mapping, load_yaml
+from .corpus import PrepareConfig, prepare
+from .errors import CacheError
+from .hashing import text_key
+from .store import TargetStore
+from .verify import invalidate, verify_store
+
+app = typer.Typer(
+    help="Phase 1 of Jasper distillation: teacher targets in a Zarr store keyed by text hash.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, `| tee`) would otherwise wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def main() -> None:
+    """Console entry point: user errors print as one message, not a traceback."""
+    try:
+        app()
+    except CacheError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+@app.command("prepare")
+def prepare_command(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML with `sources:`, `teachers:`, `total:` (see README)."),
+    out: str = typer.Option(None, "--out", "-o", help="Store path or fsspec URL to create; overrides `out:`."),
+    total: int = typer.Option(None, help="Number of texts to prepare; overrides `total:`."),
+    seed: int = typer.Option(None, help="Seed for mixing, augmentation and row order; overrides `seed:`."),
+    shard_rows: int = typer.Option(None, help="Rows per shard, the unit one writer writes (1024-4096)."),
+    chunk_rows: int = typer.Option(None, help="Rows per chunk, the unit training reads (64-128)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out (its vectors are lost)."),
+):
+    """Read, mix, augment, deduplicate and shuffle the corpus; write keys and texts to a new store."""
+    data = load_yaml(config)
+    flags = {"out": out, "total": total, "seed": seed, "shard_rows": shard_rows, "chunk_rows": chunk_rows}
+    data.update({key: value for key, value in flags.items() if value is not None})
+    if overwrite:
+        data["overwrite"] = True
+    settings = from_mapping(PrepareConfig, data, where=str(config))
+    report = prepare(settings, log=console.print)
+    table = Table(title=f"prepared {report['rows']:,} texts into {settings.out} in {report['seconds']} s")
+    table.add_column("count")
+    for source in report["sources"]:
+        table.add_column(source["source"], justify="right", overflow="fold")
+    for name in ["quota", "documents", "split_documents", "split_texts", "shuffled",
+                 "dropped_empty", "dropped_invalid_utf8", "duplicates", "kept"]:
+        table.add_row(name.replace("_", " "), *(f"{source[name]:,}" for source in report["sources"]))
+    console.print(table)
+
+
+@app.command("status")
+def status_command(store_url: str = typer.Argument(..., metavar="STORE", help="Store path or fsspec URL.")):
+    """Table of teachers x shards done, rows, bytes and which shards are pending."""
+    store = TargetStore.open(store_url)
+    table = Table(title=f"{store_url}: {store.n_rows:,} rows x {store.dim} dims, {store.n_shards} shards of {store.shard_rows}")
+    for name in ("teacher", "model", "columns", "shards done", "rows done", "bytes", "pending shards"):
+        table.add_column(name)
+    for columns in store.teachers:
+        records = store.done_records(columns.spec.name)
+        done = records[:, 0] > 0
+        rows = int(records[:, 0].sum())
+        table.add_row(
+            columns.spec.name, columns.spec.model, f"{columns.start}-{columns.stop - 1}",
+            f"{int(done.sum())}/{store.n_shards}", f"{rows:,}",
+            _human_bytes(rows * columns.spec.dim * 2), _ranges(np.flatnonzero(~done).tolist()) or "-",
+        )
+    console.print(table)
+    complete = store.complete_shards()
+    rows = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in complete)
+    console.print(f"complete rows (every teacher done): {rows:,} of {store.n_rows:,}")
+
+
+@app.command("verify")
+def verify_command(
+    store_url: str = typer.Argument(..., metavar="STORE", help="Store path or fsspec URL."),
+    require_complete: bool = typer.Option(False, "--require-complete", help="Also fail if any shard is still pending."),
+    invalidate_bad: bool = typer.Option(
+        False, "--invalidate-bad", help="Mark every bad shard pending so the next `build` of its teacher redoes it."
+    ),
+):
+    """Re-read the store: lengths, key<->text hashes, index, chunk checksums, digests, norms."""
+    store = TargetStore.open(store_url, mode="r+" if invalidate_bad else "r")
+    report = verify_store(store)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/] {problem}", highlight=False)
+    for teacher, pending in report.pending.items():
+        if pending:
+            console.print(f"pending: teacher {teacher!r} shards {_ranges(pending)}", highlight=False)
+    if report.bad_shards and invalidate_bad:
+        invalidate(store, report.bad_shards)
+        console.print(f"marked {len(report.bad_shards)} bad shard(s) pending: rerun `jasper-cache build` for their teachers.")
+    elif report.bad_shards:
+        console.print("fix: rerun with --invalidate-bad, then `jasper-cache build` for the named teachers.")
+    ok = report.ok(require_complete)
+    console.print(f"{'OK' if ok else 'FAILED'}: {report.checked_shards} shards checked, {len(report.problems)} problems.")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("lookup")
+def lookup_command(
+    store_url: str = typer.Argument(..., metavar="STORE", help="Store path or fsspec URL."),
+    text: str = typer.Argument(..., help="The exact text (NFC-normalised before hashing)."),
+    values: int = typer.Option(5, help="How many leading values of each teacher's block to print."),
+):
+    """Find a text by hash: its row, each teacher's completeness, leading values and norms."""
+    store = TargetStore.open(store_url)
+    high, low = text_key(text)
+    row = int(store.lookup_rows([text])[0])
+    if row < 0:
+        console.print(f"not in store (key {high:016x}{low:016x}).")
+        raise typer.Exit(1)
+    shard = row // store.shard_rows
+    console.print(f"row {row} (shard {shard}), key {high:016x}{low:016x}")
+    vector = store.read_targets(row, row + 1)[0].astype(np.float32)
+    for columns in store.teachers:
+        done = bool(store.done_shards(columns.spec.name)[shard])
+        block = vector[columns.start:columns.stop]
+        head = ", ".join(f"{v:+.4f}" for v in block[:values])
+        state = f"norm {np.linalg.norm(block):.4f}  [{head}, ...]" if done else "pending"
+        console.print(f"  {columns.spec.name}: {state}", highlight=False)
+    console.print(f"  row norm: {np.linalg.norm(vector):.4f}")
+
+
+def _ranges(items: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts, i = [], 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
