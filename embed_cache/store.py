@@ -220,7 +220,7 @@ class TargetStore:
                 f"{[t.spec.name for t in self.teachers]}); a store's teachers are fixed at "
                 "prepare time: build one of those, or prepare a new store that lists it."
             )
-        diff = columns.spec.differences(spec)
+        diff = spec.differences(columns.spec)
         if diff:
             raise CacheError(
                 f"teacher {spec.name!r} differs from the one store {self.url} was created "

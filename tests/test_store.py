@@ -1,0 +1,128 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import zarr
+from store_helpers import TEACHERS, fake_vectors, fill, make_store
+
+from embed_cache.errors import CacheError
+from embed_cache.store import FORMAT_VERSION, TargetStore, column_block
+from embed_cache.teachers import TeacherSpec
+
+
+def test_layout_aligns_chunks_to_teacher_columns(tmp_path):
+    store = make_store(tmp_path, n=100, shard_rows=32, chunk_rows=16)
+    targets = store.group["targets"]
+    assert targets.shape == (100, 96) and targets.dtype == np.float16
+    assert targets.shards == (32, 32) and targets.chunks == (16, 32)
+    assert [(t.start, t.stop) for t in store.teachers] == [(0, 64), (64, 96)]
+    for t in store.teachers:  # every teacher boundary is a chunk boundary
+        assert t.start % targets.chunks[1] == 0 and t.stop % targets.chunks[1] == 0
+    assert store.n_shards == 4 and store.shard_range(3) == (96, 100)
+    assert column_block([4096, 8192]) == 4096 and column_block([768, 384]) == 384
+    with pytest.raises(CacheError, match="common divisor"):
+        column_block([768, 100])
+
+
+def test_teacher_writes_only_its_own_shard_objects(tmp_path):
+    store = make_store(tmp_path, n=64, shard_rows=32, chunk_rows=16)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "store.zarr/targets").rglob("c/*/*")}
+    fill(store, "small")
+    objects = sorted(p.relative_to(tmp_path / "store.zarr/targets").as_posix()
+                     for p in (tmp_path / "store.zarr/targets").rglob("c/*/*"))
+    assert before == {} and objects == ["c/0/2", "c/1/2"]  # column block 2 = columns 64-95
+
+
+def test_round_trip_and_completion_records(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big", shards=[0, 2])
+    assert store.pending_shards("big") == [1, 3]
+    assert store.complete_shards() == []
+    fill(store, "small")
+    assert store.complete_shards() == [0, 2]
+    texts, targets = store.read_block(64, 96)
+    assert len(texts) == 32 and targets.shape == (32, 96)
+    assert np.array_equal(targets[:, :64], fake_vectors(store, "big", 2))
+    assert np.array_equal(targets[:, 64:], fake_vectors(store, "small", 2))
+    assert np.allclose(np.linalg.norm(targets.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    reopened = TargetStore.open(store.url)
+    assert reopened.pending_shards("big") == [1, 3] and reopened.teachers == store.teachers
+
+
+def test_write_shard_rejects_wrong_shapes_and_unknown_teachers(tmp_path):
+    store = make_store(tmp_path)
+    with pytest.raises(CacheError, match=r"expected vectors of shape \(32, 32\), got \(32, 64\)"):
+        store.write_shard("small", 0, np.zeros((32, 64), np.float16))
+    with pytest.raises(CacheError, match="no teacher 'nv-embed'"):
+        store.write_shard("nv-embed", 0, np.zeros((32, 64), np.float16))
+    with pytest.raises(CacheError, match="out of range"):
+        store.write_shard("small", 9, np.zeros((32, 32), np.float16))
+
+
+def test_lookup_by_text(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big")
+    texts = store.read_texts(0, store.n_rows)
+    query = [texts[5], "not in the corpus", texts[99]]
+    assert store.lookup_rows(query).tolist() == [5, -1, 99]
+    with pytest.raises(CacheError, match="shards .* not every teacher has built"):
+        store.vectors_for([texts[5]])
+    fill(store, "small")
+    vectors = store.vectors_for([texts[99], texts[5]])
+    assert np.array_equal(vectors, store.read_targets(0, 100)[[99, 5]])
+    with pytest.raises(CacheError, match="1 of 2 texts are not in store"):
+        store.vectors_for([texts[0], "missing"])
+
+
+def test_fsspec_memory_store_round_trip(tmp_path):
+    url = "memory://jasper-tests/store.zarr"
+    store = make_store(tmp_path, url=url)
+    fill(store, "big")
+    fill(store, "small")
+    reopened = TargetStore.open(url)
+    assert reopened.complete_shards() == [0, 1, 2, 3]
+    assert reopened.lookup_rows(reopened.read_texts(7, 8)).tolist() == [7]
+    assert np.array_equal(reopened.read_targets(0, 32, "small"), fake_vectors(store, "small", 0))
+
+
+def test_file_url_is_a_local_path(tmp_path):
+    make_store(tmp_path)
+    assert TargetStore.open(f"file://{tmp_path / 'store.zarr'}").n_rows == 100
+
+
+def test_reopening_with_a_different_teacher_spec_says_what_differs(tmp_path):
+    store = make_store(tmp_path)
+    changed = dataclasses.replace(TEACHERS[0], dim=128, prompt="query: ")
+    with pytest.raises(CacheError, match=r"differs.*dim: 128 != 64; prompt: 'query: ' != ''"):
+        TargetStore.open(store.url, teacher=changed)
+    with pytest.raises(CacheError, match="no teacher 'other'.*fixed at prepare time"):
+        TargetStore.open(store.url, teacher=TeacherSpec(name="other", model="x", dim=64))
+    assert TargetStore.open(store.url, teacher=TEACHERS[1]).n_rows == 100
+
+
+def test_other_format_versions_and_non_stores_are_refused(tmp_path):
+    store = make_store(tmp_path)
+    store.group.attrs["jasper_format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(CacheError, match=f"format version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}"):
+        TargetStore.open(store.url)
+    with pytest.raises(CacheError, match="no jasper-cache store at"):
+        TargetStore.open(tmp_path / "nowhere.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(CacheError, match="not a jasper-cache store"):
+        TargetStore.open(tmp_path / "plain.zarr")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CacheError, match="no jasper-cache store"):
+        TargetStore.open(tmp_path / "file.txt")
+
+
+def test_interrupted_prepare_is_refused(tmp_path):
+    TargetStore.create(tmp_path / "half.zarr", TEACHERS, n_rows=10)
+    with pytest.raises(CacheError, match="interrupted.*--overwrite"):
+        TargetStore.open(tmp_path / "half.zarr")
+
+
+def test_torn_completion_record_reads_as_pending(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big")
+    (tmp_path / "store.zarr/done/big/c/2/0").write_bytes(b"\x01\x00")
+    assert TargetStore.open(store.url).pending_shards("big") == [2]

@@ -1,0 +1,111 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from store_helpers import fill, make_store, write_config, write_jsonl
+from typer.testing import CliRunner
+
+from embed_cache.cli import app
+from embed_cache.store import TargetStore
+from embed_cache.verify import verify_store
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def complete_store(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big")
+    fill(store, "small")
+    return store
+
+
+def test_verify_passes_on_a_complete_store(complete_store):
+    report = verify_store(complete_store, progress=False)
+    assert report.problems == [] and report.complete and report.checked_shards == 4
+    code, out = cli("verify", complete_store.url, "--require-complete")
+    assert code == 0 and "OK: 4 shards checked, 0 problems" in out
+
+
+def test_partial_store_lists_pending_and_fails_only_when_completeness_is_required(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big", shards=[0, 1])
+    code, out = cli("verify", store.url)
+    assert code == 0
+    assert "teacher 'big' shards 2-3" in out and "teacher 'small' shards 0-3" in out
+    code, _ = cli("verify", store.url, "--require-complete")
+    assert code == 1
+
+
+def test_flipped_bytes_in_one_chunk_are_named_and_can_be_invalidated(complete_store, tmp_path):
+    shard_object = tmp_path / "store.zarr/targets/c/1/0"  # rows 32-63, columns 0-31 (teacher big)
+    data = bytearray(shard_object.read_bytes())
+    data[40] ^= 0xFF  # inside the first 16-row chunk of the shard
+    shard_object.write_bytes(bytes(data))
+    code, out = cli("verify", complete_store.url)
+    assert code == 1
+    assert "corrupt chunk: targets rows 32-47, columns 0-31 (teacher 'big', object targets/c/1/0)" in out
+    assert "rows 48-63" not in out  # the intact chunk of the same shard is not blamed
+    code, out = cli("verify", complete_store.url, "--invalidate-bad")
+    assert "marked 1 bad shard(s) pending" in out
+    assert TargetStore.open(complete_store.url).pending_shards("big") == [1]
+
+
+def test_changed_data_wrong_norms_and_mismatched_keys_are_detected(complete_store):
+    store = complete_store
+    store.group["targets"][0:32, 64:96] = store.group["targets"][32:64, 64:96]  # valid crc, wrong digest
+    wrong = np.full((32, 64), 0.5, np.float16)  # norm 4, not 1/sqrt(2)
+    store.mark_done("big", 2, store.write_shard("big", 2, wrong))
+    store.group["text"][70] = "edited after prepare"
+    report = verify_store(store, progress=False)
+    text = "\n".join(report.problems)
+    assert "teacher 'small' shard 0 (rows 0-31): data does not match the digest" in text
+    assert "teacher 'big' shard 2 (rows 64-95): 32 rows have block norm" in text
+    assert "shard 2: 1 keys do not match the hash of their text (first: row 70)" in text
+    assert report.bad_shards == {("small", 0), ("big", 2)}
+
+
+def test_mismatched_array_lengths_are_named(complete_store):
+    complete_store.group["text"].resize((99,))
+    report = verify_store(complete_store, progress=False)
+    assert "array lengths disagree with the store's 100 rows: {'text': 99}" in report.problems[0]
+
+
+def test_status_table(tmp_path):
+    store = make_store(tmp_path)
+    fill(store, "big", shards=[0, 1, 3])
+    code, out = cli("status", store.url)
+    assert code == 0
+    big = next(line for line in out.splitlines() if " big " in line)
+    assert "3/4" in big and "68" in big and "2" in big.split("│")[-2]
+    assert "complete rows (every teacher done): 0 of 100" in out
+
+
+def test_lookup_command(complete_store):
+    text = complete_store.read_texts(42, 43)[0]
+    code, out = cli("lookup", complete_store.url, text)
+    assert code == 0 and "row 42 (shard 1)" in out and "row norm: 1.00" in out
+    assert "big: norm 0.707" in out and "small: norm 0.707" in out
+    code, out = cli("lookup", complete_store.url, "never seen")
+    assert code == 1 and "not in store" in out
+
+
+def test_prepare_command_with_flag_overrides_and_unknown_key(tmp_path):
+    source = write_jsonl(tmp_path / "c.jsonl", [f"text {i}" for i in range(50)])
+    teachers = [{"name": "a", "model": "m", "dim": 64}]
+    config = write_config(tmp_path / "p.yaml", sources=[{"path": str(source)}], teachers=teachers, total=10)
+    code, out = cli("prepare", "-c", config, "--out", tmp_path / "s.zarr", "--total", 20, "--shard-rows", 64)
+    assert code == 0, out
+    assert "prepared 20 texts" in out and TargetStore.open(tmp_path / "s.zarr").shard_rows == 64
+    typo = write_config(tmp_path / "t.yaml", sources=[{"path": str(source), "wieght": 2}], teachers=teachers, total=10)
+    result = subprocess.run([sys.executable, "-c", "from embed_cache.cli import main; main()",
+                             "prepare", "-c", typo, "--out", str(tmp_path / "t.zarr")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown key" in result.stderr and "Did you mean 'weight'?" in result.stderr
+    assert "Traceback" not in result.stderr
