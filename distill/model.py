@@ -1,0 +1,303 @@
+"""The Jasper student: a text encoder, a SigLIP vision tower and four linear heads.
+
+Text path::
+
+    tokens -> text encoder -> mean pool over the attention mask -> FC1..FC4 (raw vectors)
+
+Image path (stage 4)::
+
+    pixels -> SigLIP -> AdaptiveAvgPool2d((num_img_tokens, text_hidden))
+           -> written over the embeddings of the num_img_tokens placeholder tokens that sit
+              between the image start/end tokens -> the same encoder, pooling and heads
+
+Heads are ``Linear(hidden, d, bias=True)`` with no activation (paper: 12288/1024/512/256). Outputs are
+raw; the losses and the exporter normalise. Build a student with :func:`build_student`, reload a
+saved one with ``JasperStudent.from_pretrained(path)`` (the encoder's and the vision tower's configs
+live inside the student's config, so the original folders are not needed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.configuration_utils import SubConfigSpec
+
+PAPER_HEAD_DIMS = (12288, 1024, 512, 256)
+DEMO_HEAD_DIMS = (1152, 512, 256, 128)
+PAPER_NUM_IMG_TOKENS = 300
+
+IMAGE_START_TOKEN = "<|jasper_img_start|>"
+IMAGE_TOKEN = "<|jasper_img_token|>"
+IMAGE_END_TOKEN = "<|jasper_img_end|>"
+
+HeadOutputs = dict[str, torch.Tensor]
+
+
+def head_names(num_heads: int) -> tuple[str, ...]:
+    """Names of the heads in order: ``fc1`` (the largest, the target's size) to ``fc<num_heads>``."""
+    return tuple(f"fc{index}" for index in range(1, num_heads + 1))
+
+
+class JasperConfig(PreTrainedConfig):
+    """Configuration of :class:`JasperStudent`.
+
+    Args:
+        text_config: the text encoder's config (any ``AutoModel`` that accepts ``inputs_embeds``).
+        vision_config: a ``SiglipVisionConfig``.
+        head_dims: output size of FC1, FC2, ... (paper: 12288, 1024, 512, 256).
+        num_img_tokens: how many placeholder tokens an image occupies (paper: 300).
+        image_start_token_id, image_token_id, image_end_token_id: set by :func:`prepare_tokenizer`.
+    """
+
+    model_type = "jasper_student"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+        "vision_config": SubConfigSpec(config_class=SiglipVisionConfig),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    head_dims: Sequence[int] = PAPER_HEAD_DIMS
+    num_img_tokens: int = PAPER_NUM_IMG_TOKENS
+    image_start_token_id: int | None = None
+    image_token_id: int | None = None
+    image_end_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.head_dims = [int(dim) for dim in self.head_dims]  # JSON gives lists; keep one type
+        if not self.head_dims:
+            raise ValueError("head_dims is empty: give at least one head size, e.g. (12288, 1024, 512, 256).")
+        if self.num_img_tokens < 1:
+            raise ValueError(f"num_img_tokens must be at least 1, got {self.num_img_tokens}.")
+
+
+class JasperStudent(PreTrainedModel):
+    """Text encoder + mean pooling + FC heads, with a SigLIP tower for images (see module docs)."""
+
+    config_class = JasperConfig
+    base_model_prefix = "jasper"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # Attention runs inside the encoder and the vision tower, which check their own support.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(
+        self,
+        config: JasperConfig,
+        text_encoder: PreTrainedModel | None = None,
+        vision_tower: SiglipVisionModel | None = None,
+    ):
+        """Build from ``config``; :func:`build_student` passes pretrained ``text_encoder`` / ``vision_tower``."""
+        super().__init__(config)
+        self.text_encoder = text_encoder if text_encoder is not None else AutoModel.from_config(config.text_config)
+        # Mean pooling never uses the encoder's own pooler (BERT-style models have one); an unused
+        # trainable parameter would make DDP / ZeRO fail in stage 3, so drop it.
+        if isinstance(getattr(self.text_encoder, "pooler", None), nn.Module):
+            self.text_encoder.pooler = None
+        self.vision_tower = vision_tower if vision_tower is not None else SiglipVisionModel(config.vision_config)
+        text_hidden = config.text_config.hidden_size
+        self.image_pooler = nn.AdaptiveAvgPool2d((config.num_img_tokens, text_hidden))
+        names = head_names(len(config.head_dims))
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(text_hidden, dim, bias=True) for name, dim in zip(names, config.head_dims)}
+        )
+        # from_config copies the sub-configs; share them so that resizing the embeddings (which
+        # updates the encoder's vocab_size) is what gets saved.
+        config.text_config = self.text_encoder.config
+        config.vision_config = self.vision_tower.config
+        self.post_init()
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadOutputs:
+        """One raw vector per head for each text: ``{"fc1": [B, d1], "fc2": [B, d2], ...}``."""
+        return self(input_ids=input_ids, attention_mask=attention_mask)
+
+    def encode_image(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> HeadOutputs:
+        """One raw vector per head for each image; build ``input_ids`` with :func:`image_inputs`."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> HeadOutputs:
+        """Encode texts, or images when ``pixel_values`` is given (one image per row of ``input_ids``)."""
+        inputs_embeds = self.text_encoder.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            inputs_embeds = self._insert_image_tokens(inputs_embeds, input_ids, pixel_values)
+        hidden = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        pooled = mean_pool(hidden, attention_mask)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    def _insert_image_tokens(
+        self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        placeholders = self._image_placeholder_mask(input_ids)
+        patches = self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        # [B, patches, vision_hidden] -> [B, num_img_tokens, text_hidden]: the pooler reads the
+        # batch as channels and pools the (patch, feature) plane.
+        image_tokens = self.image_pooler(patches).to(inputs_embeds.dtype)
+        # masked_scatter fills placeholders in row-major order, row b taking image b's tokens.
+        return inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), image_tokens)
+
+    def _image_placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.image_token_id is None:
+            raise ValueError(
+                "This student has no image tokens yet: call prepare_tokenizer(model, tokenizer) "
+                "(build_student does it) before encoding images."
+            )
+        placeholders = input_ids == self.config.image_token_id
+        counts = placeholders.sum(dim=1)
+        wrong = (counts != self.config.num_img_tokens).nonzero().flatten().tolist()
+        if wrong:
+            raise ValueError(
+                f"Rows {wrong} of input_ids hold {counts[wrong].tolist()} image placeholder tokens, "
+                f"but each image needs exactly {self.config.num_img_tokens}: build the inputs with "
+                "image_inputs(tokenizer, config, texts) and do not truncate them."
+            )
+        return placeholders
+
+    def encoder_layers(self) -> nn.ModuleList:
+        """The encoder's list of transformer blocks (Qwen2: ``layers``, BERT: ``encoder.layer``).
+
+        Found as the only ``nn.ModuleList`` with ``num_hidden_layers`` entries, so any
+        encoder architecture works without a table of names.
+        """
+        expected = self.config.text_config.num_hidden_layers
+        candidates = {
+            name: module
+            for name, module in self.text_encoder.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) == expected
+        }
+        if len(candidates) != 1:
+            raise ValueError(
+                f"Cannot find the layer list of {type(self.text_encoder).__name__}: expected exactly one "
+                f"nn.ModuleList of num_hidden_layers={expected} blocks, found {sorted(candidates) or 'none'}. "
+                "Use an encoder whose blocks sit in a single nn.ModuleList (Qwen2, BERT, MPNet, ...)."
+            )
+        return next(iter(candidates.values()))
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [B, L, H] over the positions where ``attention_mask`` [B, L] is 1."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def build_student(
+    text_encoder: str | Path,
+    vision: SiglipVisionConfig | str | Path,
+    *,
+    head_dims: Sequence[int] = PAPER_HEAD_DIMS,
+    num_img_tokens: int = PAPER_NUM_IMG_TOKENS,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[JasperStudent, PreTrainedTokenizerBase]:
+    """Assemble a student from a pretrained text encoder and a SigLIP vision tower.
+
+    Args:
+        text_encoder: folder (or hub id) of the text encoder, e.g. stella_en_1.5B_v5 or all-MiniLM-L6-v2.
+        vision: a ``SiglipVisionConfig`` (fresh random tower) or a folder / hub id of a SigLIP
+            checkpoint (full SigLIP or vision-only, e.g. siglip-so400m-patch14-384).
+        head_dims: FC1..FCn output sizes (paper 12288/1024/512/256, demo 1152/512/256/128);
+            heads start freshly initialised.
+        num_img_tokens: placeholder tokens per image (paper 300).
+        tokenizer: the encoder's tokenizer; loaded from ``text_encoder`` when omitted.
+        trust_remote_code: run code shipped with the checkpoints; off unless you pass True.
+
+    Returns:
+        ``(model, tokenizer)`` with the image tokens added (see :func:`prepare_tokenizer`).
+
+    Example::
+
+        model, tokenizer = build_student("all-MiniLM-L6-v2", SiglipVisionConfig(), head_dims=DEMO_HEAD_DIMS)
+        batch = tokenizer(["a text"], return_tensors="pt")
+        vectors = model.encode_text(batch["input_ids"], batch["attention_mask"])  # {"fc1": [1, 1152], ...}
+    """
+    encoder = AutoModel.from_pretrained(text_encoder, trust_remote_code=trust_remote_code)
+    if hasattr(encoder.config, "use_cache"):
+        encoder.config.use_cache = False  # an encoder never decodes: a KV cache is wasted memory
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder, trust_remote_code=trust_remote_code)
+    # Only the pooled patch tokens are used, never SigLIP's attention-pooling head; an unused
+    # trainable head would break DDP in stage 4, so it is not built.
+    if isinstance(vision, SiglipVisionConfig):
+        vision_config = copy.deepcopy(vision)
+        vision_config.vision_use_head = False
+        vision_tower = SiglipVisionModel(vision_config)
+    else:
+        vision_tower = SiglipVisionModel.from_pretrained(vision, vision_use_head=False)
+    # Copies: a new config resets its sub-configs' attention implementation, and the built
+    # modules must keep theirs (JasperStudent then shares the modules' own configs).
+    config = JasperConfig(
+        text_config=encoder.config.to_dict(),
+        vision_config=vision_tower.config.to_dict(),
+        head_dims=list(head_dims),
+        num_img_tokens=num_img_tokens,
+    )
+    model = JasperStudent(config, text_encoder=encoder, vision_tower=vision_tower)
+    prepare_tokenizer(model, tokenizer)
+    model.eval()  # like from_pretrained: the pretrained parts arrive in eval mode, the heads must match
+    return model, tokenizer
+
+
+def prepare_tokenizer(model: JasperStudent, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make ``tokenizer`` and ``model`` ready for images; safe to call again.
+
+    Adds the image start / placeholder / end tokens as special tokens, grows the encoder's
+    embedding matrix when the vocabulary outgrows it, records the three ids in ``model.config``
+    and pads on the right (so that the positions of real tokens never depend on how much padding
+    a batch needs).
+    """
+    image_tokens = [IMAGE_START_TOKEN, IMAGE_TOKEN, IMAGE_END_TOKEN]
+    tokenizer.add_tokens(image_tokens, special_tokens=True)
+    tokenizer.padding_side = "right"
+    embedding_rows = model.text_encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedding_rows:
+        model.text_encoder.resize_token_embeddings(len(tokenizer))
+    start_id, image_id, end_id = tokenizer.convert_tokens_to_ids(image_tokens)
+    model.config.image_start_token_id = start_id
+    model.config.image_token_id = image_id
+    model.config.image_end_token_id = end_id
+
+
+def image_inputs(
+    tokenizer: PreTrainedTokenizerBase, config: JasperConfig, texts: Sequence[str], max_length: int = 512
+) -> BatchEncoding:
+    """Tokenize one image input per entry of ``texts``.
+
+    Each sequence is ``<image start> <image token> x num_img_tokens <image end> text`` (plus the
+    tokenizer's own special tokens), where ``text`` is a caption or prompt, or ``""`` for the image
+    alone. Pass the result's ``input_ids`` / ``attention_mask`` to ``JasperStudent.encode_image``.
+    """
+    image_block = IMAGE_START_TOKEN + IMAGE_TOKEN * config.num_img_tokens + IMAGE_END_TOKEN
+    return tokenizer(
+        [image_block + text for text in texts],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
+AutoConfig.register(JasperConfig.model_type, JasperConfig, exist_ok=True)
+AutoModel.register(JasperConfig, JasperStudent, exist_ok=True)
