@@ -45,6 +45,7 @@ class SourceSpec:
     path: str | None = None
     dataset: str | None = None
     subset: str | None = None  # the dataset's config name
+    data_files: str | list[str] | None = None  # for builder datasets: dataset: json, data_files: ...
     split: str = "train"
     streaming: bool = True
     text_field: str | list[str] = "text"  # several fields, or list-valued fields, give several texts
@@ -203,7 +204,8 @@ def _read_hf_dataset(source: SourceSpec, fields: list[str]) -> Iterator[list[str
     import datasets  # heavy import; local sources never need it
 
     try:
-        rows = datasets.load_dataset(source.dataset, source.subset, split=source.split, streaming=source.streaming)
+        rows = datasets.load_dataset(source.dataset, source.subset, data_files=source.data_files,
+                                     split=source.split, streaming=source.streaming)
     except Exception as err:  # noqa: BLE001 - network, auth, unknown name: all need the same advice
         raise CacheError(
             f"could not load Hugging Face dataset {source.label}: {err}. Check the name, subset "

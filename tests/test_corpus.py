@@ -128,6 +128,15 @@ def test_txt_parquet_gzip_and_list_fields(tmp_path):
     assert sorted(all_texts(store)) == sorted(["line one", "line two", "q1", "p1a", "p1b", "q2", "p2"])
 
 
+def test_hugging_face_datasets_source(tmp_path):
+    # the `datasets` code path, offline: its json builder over local files
+    path = write_jsonl(tmp_path / "hf.jsonl", [f"row {i}" for i in range(30)], field="content")
+    source = SourceSpec(dataset="json", data_files=str(path), text_field="content", streaming=True)
+    report, store = run_prepare(tmp_path, [source], 20, augment=NO_AUGMENT)
+    assert report["sources"][0]["kept"] == 20
+    assert set(all_texts(store)) <= {f"row {i}" for i in range(30)}
+
+
 # ---------------------------------------------------------------- bad input
 def test_invalid_utf8_is_an_error_naming_the_line_unless_replaced_or_skipped(tmp_path):
     path = tmp_path / "bad.txt"
