@@ -108,10 +108,22 @@ def validate_sources(sources: list[SourceSpec]) -> None:
         if source.on_invalid_utf8 not in ("error", "replace", "skip"):
             raise CacheError(f"{where}: on_invalid_utf8 must be error, replace or skip, not {source.on_invalid_utf8!r}.")
         if source.path is not None:
-            path = Path(source.path)
-            if not path.is_file():
-                raise CacheError(f"{where}: file {path} does not exist; check the path.")
-            _local_format(path)
+            for path in source_files(source, where):
+                _local_format(path)
+
+
+def source_files(source: SourceSpec, where: str) -> list[Path]:
+    """The files of a `path:` source; a glob pattern (data/*.jsonl.gz) gives them in sorted order."""
+    if any(char in source.path for char in "*?["):
+        pattern = Path(source.path)
+        files = sorted(p for p in pattern.parent.glob(pattern.name) if p.is_file())
+        if not files:
+            raise CacheError(f"{where}: no file matches {source.path}; check the pattern.")
+        return files
+    path = Path(source.path)
+    if not path.is_file():
+        raise CacheError(f"{where}: file {path} does not exist; check the path.")
+    return [path]
 
 
 def _local_format(path: Path) -> str:
@@ -171,7 +183,11 @@ def read_documents(source: SourceSpec, report: SourceReport) -> Iterator[list[st
     if source.dataset is not None:
         yield from _read_hf_dataset(source, fields)
         return
-    path = Path(source.path)
+    for path in source_files(source, source.label):
+        yield from _read_file(path, source, fields, report)
+
+
+def _read_file(path: Path, source: SourceSpec, fields: list[str], report: SourceReport) -> Iterator[list[str]]:
     kind = _local_format(path)
     if kind == "txt":
         for _, line in _lines(path, source, report):
@@ -184,9 +200,12 @@ def read_documents(source: SourceSpec, report: SourceReport) -> Iterator[list[st
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise CacheError(f"{path} line {number}: not valid JSON ({err.msg}); fix or remove the line.") from None
-            if not isinstance(record, dict):
-                raise CacheError(f"{path} line {number}: expected a JSON object per line, got {type(record).__name__}.")
-            yield _texts_of(record, fields, f"{path} line {number}")
+            if isinstance(record, list):  # embedding-training-data style: ["query", "positive", ...]
+                yield _texts_of({"items": record}, ["items"], f"{path} line {number}")
+            elif isinstance(record, dict):
+                yield _texts_of(record, fields, f"{path} line {number}")
+            else:
+                raise CacheError(f"{path} line {number}: expected a JSON object or list per line, got {type(record).__name__}.")
     else:
         parquet = pq.ParquetFile(path)
         missing = [f for f in fields if f not in parquet.schema_arrow.names]

@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -128,6 +129,20 @@ def test_txt_parquet_gzip_and_list_fields(tmp_path):
     assert sorted(all_texts(store)) == sorted(["line one", "line two", "q1", "p1a", "p1b", "q2", "p2"])
 
 
+def test_glob_sources_and_list_records(tmp_path):
+    # sentence-transformers/embedding-training-data: many .jsonl.gz files of ["query", "positive"] lists
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for name, rows in [("a.jsonl.gz", [["q1", "p1"], ["q2", "p2"]]), ("b.jsonl.gz", [{"set": ["s1", "s2"]}])]:
+        with gzip.open(folder / name, "wt", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    source = SourceSpec(path=str(folder / "*.jsonl.gz"), text_field="set")
+    _, store = run_prepare(tmp_path, [source], 100, augment=NO_AUGMENT)
+    assert sorted(all_texts(store)) == ["p1", "p2", "q1", "q2", "s1", "s2"]
+    with pytest.raises(CacheError, match="no file matches"):
+        run_prepare(tmp_path, [SourceSpec(path=str(folder / "*.parquet"))], 10, "none.zarr")
+
+
 def test_hugging_face_datasets_source(tmp_path):
     # the `datasets` code path, offline: its json builder over local files
     path = write_jsonl(tmp_path / "hf.jsonl", [f"row {i}" for i in range(30)], field="content")
@@ -172,9 +187,13 @@ def test_missing_text_field_names_the_fields_that_exist(tmp_path):
     ],
 )
 def test_unusable_sources_are_named(tmp_path, monkeypatch, source, message):
+    import datasets
+
+    def offline(*args, **kwargs):  # what datasets raises without network, minus its retries
+        raise ConnectionError(f"Couldn't reach '{args[0]}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     (tmp_path / "corpus.csv").write_text("a\n")
     write_jsonl(tmp_path / "corpus.jsonl", ["a"])
     with pytest.raises(CacheError, match=message):
