@@ -1,5 +1,6 @@
 """`jasper-cache`: prepare a corpus into a store, inspect it, verify it, look texts up."""
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ def build_command(
         name = expected.name
     summary = build(settings.store, name, settings.batch_tokens, settings.device, force_unlock,
                     expected, settings.storage_options, log=console.print)
-    if summary.texts:
+    if summary.texts and os.environ.get("RANK", "0") == "0":  # one summary per launch, not per rank
         console.print(
             f"built {summary.texts:,} texts ({summary.shards} shards) of teacher {name!r} in "
             f"{summary.seconds:.1f} s after {summary.load_seconds:.1f} s loading: {summary.texts / summary.seconds:,.1f} texts/s, "
