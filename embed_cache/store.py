@@ -179,6 +179,11 @@ class TargetStore:
         storage_options: dict | None = None,
     ) -> "TargetStore":
         """Open an existing store; with `teacher`, check it matches the recorded spec."""
+        if mode != "r" and str(url).startswith(("http://", "https://")):
+            raise CacheError(
+                f"{url} is served over HTTP, which is read-only: build into a local path or an "
+                "s3:// / gs:// URL, and read it over HTTP for training."
+            )
         try:
             group = zarr.open_group(
                 open_zarr_store(url, read_only=(mode == "r"), storage_options=storage_options),

@@ -137,6 +137,12 @@ def load_teacher(spec: TeacherSpec, device: str | None = None):
         if "trust_remote_code" in str(err):
             raise CacheError(_remote_code_advice(spec)) from err
         raise
+    positions = getattr(model[0].auto_model.config, "max_position_embeddings", None)
+    if positions is not None and spec.max_length > positions:
+        raise CacheError(
+            f"teacher {spec.name!r}: max_length {spec.max_length} exceeds the {positions} positions "
+            f"{spec.model} was trained with; set `max_length: {positions}` (or less) on this teacher."
+        )
     model.max_seq_length = spec.max_length
     if spec.padding_side != "model":
         model.tokenizer.padding_side = spec.padding_side
@@ -173,10 +179,20 @@ def _remote_code_advice(spec: TeacherSpec) -> str:
     )
 
 
+# No tokenizer we know of has tokens longer than this many characters, so cutting a text here
+# leaves its first max_length tokens unchanged while sparing the tokenizer a 10 MB document.
+MAX_CHARS_PER_TOKEN = 100
+
+
 def prepare_texts(spec: TeacherSpec, texts: list[str], eos_token: str | None) -> list[str]:
-    """The exact strings the teacher tokenizes: prompt + text (+ EOS for NV-Embed-v2)."""
+    """The exact strings the teacher tokenizes: prompt + text (+ EOS for NV-Embed-v2).
+
+    Texts longer than max_length tokens are truncated by the tokenizer, EOS included, exactly as
+    NV-Embed-v2's own encode does.
+    """
     suffix = eos_token if spec.append_eos else ""
-    return [f"{spec.prompt}{text}{suffix}" for text in texts]
+    limit = spec.max_length * MAX_CHARS_PER_TOKEN
+    return [f"{spec.prompt}{text[:limit]}{suffix}" for text in texts]
 
 
 def autocast_dtype(spec: TeacherSpec, device: torch.device) -> torch.dtype | None:

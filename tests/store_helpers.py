@@ -23,16 +23,17 @@ def write_jsonl(path, texts, field="text"):
     return path
 
 
-def make_store(tmp_path, n=100, shard_rows=32, chunk_rows=16, url=None, teachers=TEACHERS) -> TargetStore:
+def make_store(tmp_path, n=100, shard_rows=32, chunk_rows=16, url=None, teachers=TEACHERS,
+               storage_options=None) -> TargetStore:
     texts = [f"text number {i}: a sentence about item {i * 7 % 13}." for i in range(n)]
     source = write_jsonl(tmp_path / "corpus.jsonl", texts)
     config = PrepareConfig(
         sources=[SourceSpec(path=str(source))], teachers=list(teachers), total=n,
         out=str(url or tmp_path / "store.zarr"), shard_rows=shard_rows, chunk_rows=chunk_rows,
-        augment=NO_AUGMENT,
+        augment=NO_AUGMENT, storage_options=storage_options or {},
     )
     prepare(config, log=lambda *_: None)
-    return TargetStore.open(config.out, mode="r+")
+    return TargetStore.open(config.out, mode="r+", storage_options=storage_options)
 
 
 def fake_vectors(store: TargetStore, teacher: str, shard: int, seed: int = 0) -> np.ndarray:

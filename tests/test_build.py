@@ -253,3 +253,25 @@ def test_build_with_a_spec_that_differs_from_the_store_says_what_differs(tmp_pat
     expected = replace(teachers[0], max_length=256)
     with pytest.raises(CacheError, match="max_length: 256 != 512"):
         build(url, "alpha", expected_spec=expected, progress=False, log=quiet)
+
+
+def test_huge_nul_emoji_and_many_script_texts_build_and_round_trip(tmp_path, teachers):
+    texts = [
+        "word " * 2_000_000,  # 10 MB: truncated to max_length, counted in the summary
+        "nul\x00inside\x00text",
+        "emoji \U0001F600\U0001F680 and flags \U0001F1EF\U0001F1F5",
+        "\u4e2d\u6587\u6587\u672c \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0939\u093f\u0928\u094d\u0926\u0940 \u0440\u0443\u0441\u0441\u043a\u0438\u0439",
+        "caf\u00e9 na\u00efve \u00fcber",
+    ]
+    url = prepared(tmp_path, teachers[:1], n=len(texts), texts=texts)
+    summary = build(url, "alpha", progress=False, log=quiet)
+    assert summary.texts == 5 and summary.truncated == 1
+    store = TargetStore.open(url)
+    assert store.lookup_rows(texts).tolist() != [-1] * 5 and (store.lookup_rows(texts) >= 0).all()
+    assert sorted(store.read_texts(0, 5)) == sorted(texts)
+    assert verify_store(store, progress=False).problems == []
+
+
+def test_max_length_beyond_the_models_positions_is_refused(teachers):
+    with pytest.raises(CacheError, match="max_length 1024 exceeds the 512 positions.*max_length: 512"):
+        load_teacher(replace(teachers[0], max_length=1024))

@@ -20,7 +20,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=128,
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=512,
     )
 
 
@@ -31,9 +31,9 @@ def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers
     encoder_dir = folder / "encoder"
     BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
                          num_hidden_layers=layers, num_attention_heads=4,
-                         max_position_embeddings=160)).save_pretrained(encoder_dir)
+                         max_position_embeddings=512)).save_pretrained(encoder_dir)
     tokenizer.save_pretrained(encoder_dir)
-    modules = [Transformer(str(encoder_dir), max_seq_length=128), Pooling(HIDDEN, "mean")]
+    modules = [Transformer(str(encoder_dir), max_seq_length=512), Pooling(HIDDEN, "mean")]
     if out_dim is not None:
         modules.append(Dense(HIDDEN, out_dim, activation_function=torch.nn.Identity()))
     modules.append(Normalize())

@@ -1,0 +1,100 @@
+"""Stores on real servers over loopback: S3 (rclone serve s3) and read-only HTTP (http.server)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from store_helpers import TEACHERS, fill, make_store
+from tiny_teachers import save_teacher
+
+from embed_cache.build import build
+from embed_cache.errors import CacheError
+from embed_cache.store import TargetStore
+from embed_cache.teachers import TeacherSpec
+from embed_cache.verify import verify_store
+
+# Non-AWS S3 servers do not all speak botocore's newer default checksums; asking for them only
+# when required is the usual setting for MinIO, Ceph, rclone and friends.
+S3_CLIENT = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def rclone() -> str:
+    return shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+
+
+@pytest.fixture
+def s3(tmp_path):
+    root = tmp_path / "s3root"
+    (root / "bucket").mkdir(parents=True)
+    port = free_port()
+    server = subprocess.Popen([rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+                               "--auth-key", "jasper,secret"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server)
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "jasper", "secret": "secret",
+               "config_kwargs": S3_CLIENT}, root
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3):
+    options, root = s3
+    teacher = TeacherSpec(name="alpha", model=str(save_teacher(tmp_path / "alpha", seed=1)), dim=32)
+    url = "s3://bucket/cache.zarr"
+    store = make_store(tmp_path, n=100, url=url, teachers=[teacher], storage_options=options)
+    assert build(url, "alpha", storage_options=options, progress=False, log=lambda *_: None).texts == 100
+    remote = TargetStore.open(url, storage_options=options)
+    assert verify_store(remote, progress=False).problems == [] and remote.complete_shards() == [0, 1, 2, 3]
+    assert (root / "bucket" / "cache.zarr" / "targets" / "c" / "3" / "0").is_file()  # really on the server
+    texts = remote.read_texts(0, 100)
+    assert np.array_equal(remote.vectors_for(texts[10:12]), remote.read_targets(10, 12))
+    assert not (root / "bucket" / "cache.zarr" / "locks" / "alpha.json").exists()
+
+
+def test_a_store_served_over_http_is_readable_and_refuses_writes(tmp_path):
+    store = make_store(tmp_path, teachers=TEACHERS)
+    fill(store, "big")
+    fill(store, "small")
+    port = free_port()
+    # Zarr reads a shard's index with a suffix Range request; python -m http.server ignores
+    # Range (and verify then reports checksum errors), rclone's server honours it like nginx.
+    server = subprocess.Popen([rclone(), "serve", "http", str(tmp_path), "--addr", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, server)
+        url = f"http://127.0.0.1:{port}/store.zarr"
+        remote = TargetStore.open(url)
+        texts, targets = remote.read_block(32, 64)
+        assert texts == store.read_texts(32, 64) and np.array_equal(targets, store.read_targets(32, 64))
+        assert remote.lookup_rows([texts[3]]).tolist() == [35]
+        assert verify_store(remote, progress=False).problems == []
+        with pytest.raises(CacheError, match="HTTP, which is read-only"):
+            TargetStore.open(url, mode="r+")
+    finally:
+        server.terminate()
+        server.wait()
