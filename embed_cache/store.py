@@ -151,9 +151,10 @@ class TargetStore:
         # fp16 embeddings compress only ~1.07x, so zstd is opt-in; crc32c is always on.
         codecs = [zarr.codecs.ZstdCodec(level=1)] if compression == "zstd" else []
         codecs.append(zarr.codecs.Crc32cCodec())
+        # NaN fill: a chunk object that goes missing reads as NaN, never as plausible zeros.
         group.create_array(
             "targets", shape=(n_rows, start), dtype="float16", chunks=(chunk_rows, block),
-            shards=(shard_rows, block), compressors=codecs, fill_value=0.0,
+            shards=(shard_rows, block), compressors=codecs, fill_value=float("nan"),
         )
         group.create_array(
             "keys", shape=(n_rows, 2), dtype="uint64", chunks=(shard_rows, 2),
@@ -299,6 +300,14 @@ class TargetStore:
         self.shard_range(shard)
         self.group[f"done/{self.columns(teacher).spec.name}"][shard] = np.zeros(2, dtype=np.uint64)
 
+    def missing_objects(self, teacher: str, shard: int) -> list[str]:
+        """Keys of this teacher's shard objects that are absent from the store."""
+        columns = self.columns(teacher)
+        width = self.group.attrs["column_block"]
+        keys = [f"targets/c/{shard}/{block}" for block in range(columns.start // width, columns.stop // width)]
+        store = self.group.store
+        return [key for key in keys if not zarr.core.sync.sync(store.exists(key))]
+
     def done_records(self, teacher: str) -> np.ndarray:
         """(S, 2) [rows, digest] per shard; rows == 0 means not done (unreadable records too)."""
         records = self.group[f"done/{self.columns(teacher).spec.name}"]
@@ -337,8 +346,19 @@ class TargetStore:
         return self.group["targets"][start:stop, columns.start:columns.stop]
 
     def read_block(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
-        """Texts and (stop - start, D) float16 targets of a contiguous run of rows."""
-        return self.read_texts(start, stop), self.read_targets(start, stop)
+        """Texts and (stop - start, D) float16 targets of a contiguous run of rows, for training.
+
+        Rows whose targets are missing (NaN, the fill value) are an error, never training data.
+        """
+        targets = self.read_targets(start, stop)
+        holes = np.flatnonzero(np.isnan(targets).any(axis=1))
+        if holes.size:
+            raise CacheError(
+                f"store {self.url}: rows {(start + holes[:5]).tolist()}... have no targets (a chunk "
+                f"is missing or its shard was never built). Run `jasper-cache verify {self.url} "
+                "--invalidate-bad`, then rebuild the named teachers."
+            )
+        return self.read_texts(start, stop), targets
 
     @cached_property
     def _index(self) -> tuple[np.ndarray, np.ndarray]:

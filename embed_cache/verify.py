@@ -55,6 +55,11 @@ def verify_store(store: TargetStore, progress: bool = True) -> VerifyReport:
             problems_before = len(report.problems)
             if rows_done != stop - start:
                 report.problems.append(f"{where}: completion record says {rows_done} rows, the shard has {stop - start}.")
+            missing = store.missing_objects(columns.spec.name, shard)
+            if missing:
+                report.problems.append(f"{where}: marked done but its chunk objects {missing} are missing.")
+                report.bad_shards.add((columns.spec.name, shard))
+                continue
             block = _read_or_locate(store, columns, shard, start, stop, report)
             if block is None:
                 report.bad_shards.add((columns.spec.name, shard))

@@ -7,6 +7,7 @@ from store_helpers import fill, make_store, write_config, write_jsonl
 from typer.testing import CliRunner
 
 from embed_cache.cli import app
+from embed_cache.errors import CacheError
 from embed_cache.store import TargetStore
 from embed_cache.verify import verify_store
 
@@ -109,3 +110,18 @@ def test_prepare_command_with_flag_overrides_and_unknown_key(tmp_path):
     assert result.returncode == 2
     assert "unknown key" in result.stderr and "Did you mean 'weight'?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_missing_and_truncated_chunk_objects_are_named_and_never_read_as_data(complete_store, tmp_path):
+    objects = tmp_path / "store.zarr/targets/c"
+    (objects / "2/2").unlink()  # teacher small, rows 64-95
+    truncated = objects / "0/0"  # teacher big, rows 0-31
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    assert np.isnan(complete_store.read_targets(64, 96, "small")).all()  # NaN, not plausible zeros
+    with pytest.raises(CacheError, match=r"rows \[64, 65, 66, 67, 68\]... have no targets.*verify"):
+        complete_store.read_block(64, 96)
+    report = verify_store(complete_store, progress=False)
+    text = "\n".join(report.problems)
+    assert "teacher 'small' shard 2 (rows 64-95): marked done but its chunk objects ['targets/c/2/2'] are missing" in text
+    assert "corrupt chunk: targets rows 0-15, columns 0-31 (teacher 'big', object targets/c/0/0)" in text
+    assert report.bad_shards == {("small", 2), ("big", 0)}
