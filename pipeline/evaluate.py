@@ -1,0 +1,70 @@
+"""Quality of any text encoder on the demo's real benchmarks (data shipped in pipeline/data).
+
+An encoder here is a function from a list of texts to an (n, d) array; vectors are L2-normalised
+inside, so raw student heads and sentence-transformers models are compared the same way.
+
+- Lee (2005): Spearman between cosine similarity and mean human rating over the 1,225 pairs of
+  50 news documents.
+- WordSim-353 and SimLex-999: Spearman between the cosine of the two words and the human rating.
+- WordNet retrieval on 1,000 held-out synsets (never in the demo corpus): the query is the
+  synset's lemma words ("signals intelligence, SIGINT"), the answer its gloss among all 1,000
+  glosses; R@1, R@10 and MRR.
+"""
+
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+DATA = Path(__file__).resolve().parent / "data"
+TextEncoder = Callable[[list[str]], np.ndarray]
+
+
+def _unit(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def lee_spearman(encode: TextEncoder, folder: Path = DATA / "eval" / "lee") -> float:
+    # the corpus is Latin-1 (it has "£" as byte 0xA3), as gensim distributes it
+    documents = (folder / "lee.cor").read_text(encoding="latin-1").strip().split("\n")
+    ratings = np.loadtxt(folder / "similarities0-1.txt")
+    vectors = _unit(encode(documents))
+    rows, cols = np.triu_indices(len(documents), k=1)
+    cosine = (vectors[rows] * vectors[cols]).sum(1)
+    return float(spearmanr(cosine, ratings[rows, cols]).statistic)
+
+
+def word_pair_spearman(encode: TextEncoder, path: Path) -> float:
+    pairs = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    words = sorted({w for first, second, _ in pairs for w in (first, second)})
+    vectors = dict(zip(words, _unit(encode(words))))
+    cosine = [float(vectors[first] @ vectors[second]) for first, second, _ in pairs]
+    return float(spearmanr(cosine, [float(score) for _, _, score in pairs]).statistic)
+
+
+def wordnet_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "wordnet_heldout.jsonl.gz") -> dict:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        synsets = [json.loads(line) for line in handle]
+    queries = _unit(encode([", ".join(s["words"]) for s in synsets]))
+    glosses = _unit(encode([s["gloss"] for s in synsets]))
+    scores = queries @ glosses.T
+    # rank of the right gloss = how many glosses score strictly higher, plus one
+    ranks = (scores > np.diag(scores)[:, None]).sum(1) + 1
+    return {"R@1": float((ranks <= 1).mean()), "R@10": float((ranks <= 10).mean()),
+            "MRR": float((1.0 / ranks).mean())}
+
+
+def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
+    """Every text task, flat: {'lee': ..., 'wordsim353': ..., 'simlex999': ..., 'wordnet R@1': ...}."""
+    results = {
+        "lee": lee_spearman(encode, data / "eval" / "lee"),
+        "wordsim353": word_pair_spearman(encode, data / "eval" / "wordsim353.tsv"),
+        "simlex999": word_pair_spearman(encode, data / "eval" / "simlex999.txt"),
+    }
+    results.update({f"wordnet {k}": v for k, v in wordnet_retrieval(encode, data / "eval" / "wordnet_heldout.jsonl.gz").items()})
+    return results

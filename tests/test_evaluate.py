@@ -1,0 +1,50 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from embed_cache.teachers import PRESETS, model_location
+from pipeline.evaluate import DATA, text_benchmarks, word_pair_spearman, wordnet_retrieval
+
+
+def test_wordnet_retrieval_ranks_by_hand(tmp_path):
+    synsets = [{"words": [w], "gloss": g} for w, g in [("a", "ga"), ("b", "gb"), ("c", "gc")]]
+    path = tmp_path / "s.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.writelines(json.dumps(s) + "\n" for s in synsets)
+    table = {  # query a finds ga first; b finds gc, then gb (rank 2); c finds ga, gb, then gc (rank 3)
+        "a": [1, 0, 0], "b": [0, 0.6, 0.8], "c": [0.8, 0.6, 0.1],
+        "ga": [1, 0, 0], "gb": [0, 1, 0], "gc": [0, 0, 1],
+    }
+    result = wordnet_retrieval(lambda texts: np.array([table[t] for t in texts], dtype=float), path)
+    assert result == pytest.approx({"R@1": 1 / 3, "R@10": 1.0, "MRR": (1 + 1 / 2 + 1 / 3) / 3})
+
+
+def test_word_pairs_spearman_by_hand(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("# header\nx\ty\t3.0\nx\tz\t2.0\ny\tz\t1.0\n")
+    angles = {"x": 0.0, "y": 0.3, "z": 1.0}  # cos(x,y) > cos(y,z) > cos(x,z): ratings order 3 > 1 > 2
+    encode = lambda words: np.array([[np.cos(angles[w]), np.sin(angles[w])] for w in words])  # noqa: E731
+    assert word_pair_spearman(encode, path) == pytest.approx(0.5)
+
+
+def test_all_minilm_scores_match_the_published_reference_points():
+    # ../shared/data/README.md measured 0.508 / 0.729 / 0.446 with mean pooling, L2-normalised
+    model = SentenceTransformer(model_location(PRESETS["minilm"]), device="cpu")
+    results = text_benchmarks(lambda texts: model.encode(texts, batch_size=64), DATA)
+    assert results["lee"] == pytest.approx(0.508, abs=0.005)
+    assert results["wordsim353"] == pytest.approx(0.729, abs=0.005)
+    assert results["simlex999"] == pytest.approx(0.446, abs=0.005)
+    assert results["wordnet R@1"] == pytest.approx(0.56, abs=0.01)
+    assert results["wordnet MRR"] == pytest.approx(0.636, abs=0.01)
+
+
+def test_shipped_corpus_never_contains_held_out_synsets():
+    with gzip.open(DATA / "corpus" / "wordnet_glosses.jsonl.gz", "rt") as handle:
+        corpus = [json.loads(line) for line in handle]
+    with gzip.open(DATA / "eval" / "wordnet_heldout.jsonl.gz", "rt") as handle:
+        held_out = [json.loads(line) for line in handle]
+    assert (len(corpus), len(held_out)) == (5000, 1000)
+    assert not {row["id"] for row in corpus} & {row["id"] for row in held_out}
