@@ -1,0 +1,54 @@
+"""Export one head of a student as a plain sentence-transformers folder.
+
+    Transformer (the student's text encoder + tokenizer) -> mean Pooling (prompt included)
+        -> Dense (the chosen head: Linear(hidden, d), identity activation) -> Normalize
+
+It loads with `SentenceTransformer(folder)`: no remote code, no import of this project. Stella's
+query prompts are in its config (`encode(texts, prompt_name="s2p_query")`); documents take none.
+The full student, vision tower included, stays loadable with `JasperStudent.from_pretrained`.
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+from distill.model import JasperStudent
+
+PROMPTS = {
+    "s2p_query": "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: ",
+    "s2s_query": "Instruct: Retrieve semantically similar text.\nQuery: ",
+}
+
+
+def head_for_dim(model: JasperStudent, dim: int) -> str:
+    names = [name for name, head in model.heads.items() if head.out_features == dim]
+    if not names:
+        dims = [head.out_features for head in model.heads.values()]
+        raise ValueError(f"the student has no {dim}-d head; its heads give {dims}: pass one of those as --dim.")
+    return names[0]
+
+
+def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out: str | Path,
+                                 max_length: int = 512) -> Path:
+    """Write the `dim`-d head of `model` as a sentence-transformers folder at `out`."""
+    head = model.heads[head_for_dim(model, dim)]
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.text_encoder.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        transformer = Transformer(tmp, max_seq_length=max_length)
+        # Keep the student's own tokenizer object: reloading a tokenizer.json beside a qwen2
+        # config yields Qwen2Tokenizer, whose pre-tokenizer may split text differently.
+        transformer.processor = tokenizer
+        hidden = model.config.text_config.hidden_size
+        dense = Dense(hidden, dim, bias=True, activation_function=torch.nn.Identity())
+        dense.linear.load_state_dict(head.state_dict())
+        exported = SentenceTransformer(
+            modules=[transformer, Pooling(hidden, "mean", include_prompt=True), dense, Normalize()],
+            prompts=PROMPTS, device="cpu",
+        )
+        exported.save(str(out))
+    return out
