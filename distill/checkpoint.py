@@ -1,0 +1,79 @@
+"""Atomic, self-contained training checkpoints inside a stage's run directory.
+
+    <stage dir>/checkpoints/step-00000500/
+        model.safetensors (DDP) or pytorch_model/ (DeepSpeed: weights + ZeRO-2 optimizer shards)
+        optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (accelerate's save_state)
+        trainer_state.json   stage, step, sampler position, config: written last
+
+Every rank writes into `.tmp-step-...`; rank 0 then writes trainer_state.json and renames the
+folder into place. A folder counts as a checkpoint only under its final name with
+trainer_state.json inside, so a run killed mid-save leaves a temp folder that is never loaded
+(resume falls back to the previous complete checkpoint) and is deleted by the next save.
+
+Pickle: weights are safetensors (DDP) and the sampler position and config are JSON, but the
+optimizer, scheduler and RNG states (and DeepSpeed's weight files) are written by accelerate /
+DeepSpeed with torch.save. They stay inside checkpoints, which only training reads back; what
+users receive (the stage's `final/` model) is safetensors and JSON only.
+
+Multi-node: every node must see the same run directory (a shared filesystem), as for DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from distill.config import write_json_atomic
+
+STATE_FILE = "trainer_state.json"
+_PREFIX = "step-"
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """Complete checkpoints of a stage, oldest first."""
+    folder = stage_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest(stage_dir: Path) -> Path | None:
+    found = checkpoints(stage_dir)
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def save(accelerator: Accelerator, stage_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Save everything to resume at `step`; keep the newest `keep_last` checkpoints."""
+    folder = stage_dir / "checkpoints"
+    final = folder / f"{_PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
+        if final.exists():  # only after a rewind past it (a resume from an older checkpoint)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoints(stage_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator: Accelerator, checkpoint: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the trainer state."""
+    accelerator.load_state(str(checkpoint))
+    return read_state(checkpoint)

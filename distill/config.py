@@ -1,0 +1,184 @@
+"""The training config: one YAML file, a dataclass schema, `key=value` overrides on top.
+
+Precedence, lowest first: the dataclass defaults (the paper's values), the YAML file, the
+`--set key=value` overrides, then the dedicated CLI flags (--run-dir, --init-from, --max-steps).
+A later source always wins; the YAML never overrides the command line.
+
+Example::
+
+    name: demo
+    store: caches/demo.zarr
+    student: {text_encoder: models/all-MiniLM-L6-v2, vision: {image_size: 64, patch_size: 8},
+              head_dims: [1152, 512, 256, 128], num_img_tokens: 16}
+    stage1: {steps: 300, batch_size: 64}
+    images: data/images/emoji          # stage 4
+
+    jasper-distill run --stage 1 --config demo.yaml --set stage1.learning_rate=3e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
+from distill.stages import STAGES
+from embed_cache.config import from_mapping, load_yaml
+from embed_cache.errors import CacheError
+
+
+class DistillError(CacheError):
+    """A problem with the user's config, run directory or data, phrased as problem + fix."""
+
+
+@dataclass
+class StudentConfig:
+    """How stage 1 builds the student; later stages load the previous stage's final model."""
+
+    text_encoder: str = "dunzhang/stella_en_1.5B_v5"
+    # A SigLIP folder / hub id, or a mapping of SiglipVisionConfig fields (a fresh random tower).
+    vision: str | dict = "google/siglip-so400m-patch14-384"
+    head_dims: list[int] = field(default_factory=lambda: list(PAPER_HEAD_DIMS))
+    num_img_tokens: int = PAPER_NUM_IMG_TOKENS
+    tokenizer: str | None = None  # a tokenizer folder; default: the text encoder's own
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StageSettings:
+    """Per-stage optimisation settings; None means the paper's value for that stage."""
+
+    learning_rate: float | None = None
+    steps: int | None = None
+    batch_size: int | None = None  # per device, as in the paper
+    warmup: float = 0.05  # fraction of steps
+    grad_accum: int = 1
+    clip: float = 1.0  # max gradient norm; 0 disables clipping
+    weight_decay: float = 0.01
+    checkpoint_every: int = 500  # optimizer steps
+    keep_last: int = 2  # complete checkpoints kept
+
+
+@dataclass
+class TrainConfig:
+    name: str = "jasper"
+    run_dir: str | None = None  # default: runs/<name>; each stage writes <run_dir>/stage<N>
+    store: str | None = None  # the phase-1 target store (path or fsspec URL), stages 1-3
+    storage_options: dict = field(default_factory=dict)
+    allow_partial: bool = False  # train on the complete shards of a store still being built
+    student: StudentConfig = field(default_factory=StudentConfig)
+    seed: int = 0
+    max_length: int = 512
+    num_workers: int = 2  # DataLoader workers that read and tokenize batches
+    block_chunks: int = 1  # rows read in one go = block_chunks x the store's chunk_rows
+    shuffle_blocks: int = 16  # blocks shuffled together (the shuffle buffer)
+    strategy: str = "auto"  # auto (DeepSpeed on GPU, DDP on CPU) | deepspeed | ddp
+    deepspeed_config: str | None = None  # default: the shipped distill/configs/zero2.json
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | no
+    self_distillation: bool = False  # stage 3: FC1 teaches FC2-FC4 (paper's untried variant)
+    images: str | None = None  # stage 4: folder of images + captions.json / captions.jsonl
+    image_size: int | None = None  # stage 4: default the vision tower's image_size
+    log_every: int = 1  # optimizer steps between log.jsonl lines
+    stage1: StageSettings = field(default_factory=StageSettings)
+    stage2: StageSettings = field(default_factory=StageSettings)
+    stage3: StageSettings = field(default_factory=StageSettings)
+    stage4: StageSettings = field(default_factory=StageSettings)
+
+    def stage_settings(self, stage: int) -> "ResolvedStage":
+        """This stage's settings with the paper's values filled in where the config left None."""
+        spec = STAGES[stage]
+        own: StageSettings = getattr(self, f"stage{stage}")
+        resolved = ResolvedStage(
+            stage=stage,
+            learning_rate=own.learning_rate if own.learning_rate is not None else spec.learning_rate,
+            steps=own.steps if own.steps is not None else spec.steps,
+            batch_size=own.batch_size if own.batch_size is not None else spec.batch_size,
+            warmup=own.warmup, grad_accum=own.grad_accum, clip=own.clip,
+            weight_decay=own.weight_decay, checkpoint_every=own.checkpoint_every,
+            keep_last=own.keep_last,
+        )
+        resolved.check()
+        return resolved
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    stage: int
+    learning_rate: float
+    steps: int
+    batch_size: int
+    warmup: float
+    grad_accum: int
+    clip: float
+    weight_decay: float
+    checkpoint_every: int
+    keep_last: int
+
+    def check(self) -> None:
+        where = f"stage{self.stage}"
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"{where}.{name}={getattr(self, name)}: it must be at least 1.")
+        if self.batch_size < 2:
+            raise DistillError(f"{where}.batch_size=1: the similarity losses compare texts within a batch; use 2 or more.")
+        if not 0 <= self.warmup < 1:
+            raise DistillError(f"{where}.warmup={self.warmup}: give a fraction of the steps in [0, 1).")
+
+
+# Settings that change the numbers a run computes: a resumed run must keep them. Everything
+# else (where the store lives, worker count, checkpoint cadence) may change between launches.
+_RESUME_INVARIANT = ("seed", "max_length", "block_chunks", "shuffle_blocks", "self_distillation", "image_size")
+
+
+def resume_differences(saved: dict, current: TrainConfig, stage: int) -> list[str]:
+    """'key: saved != current' for every setting a resumed stage must keep."""
+    now = current.to_dict()
+    keys = [*_RESUME_INVARIANT, f"stage{stage}"]
+    diffs = [f"{key}: {saved.get(key)!r} != {now[key]!r}" for key in keys
+             if key != f"stage{stage}" and saved.get(key) != now[key]]
+    mine, theirs = now[f"stage{stage}"], saved.get(f"stage{stage}", {})
+    variable = {"checkpoint_every", "keep_last"}
+    diffs += [f"stage{stage}.{key}: {theirs.get(key)!r} != {value!r}"
+              for key, value in mine.items() if key not in variable and theirs.get(key) != value]
+    return diffs
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested mapping; values are parsed as YAML (3e-4, true, [1, 2])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DistillError(f"--set {item!r}: write it as key=value, e.g. --set stage1.steps=100.")
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise DistillError(f"--set {item!r}: {part} is not a mapping in the config.")
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise DistillError(f"--set {item!r}: the value is not valid YAML ({err}).") from err
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:
+    """The config from `path` (or defaults), then `--set` overrides, then non-None `flags`."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, list(overrides))
+    data.update({key: value for key, value in flags.items() if value is not None})
+    return from_mapping(TrainConfig, data, where=str(path or "config"))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON next to `path` then rename over it: a reader sees the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,343 @@
+"""The training recipe: one Jasper stage, from its start model to `<run_dir>/stage<N>/final`.
+
+Read top to bottom, `run` does:
+
+1. resolve the stage's settings (paper values unless the config overrides them) and its folder;
+2. build the student: stage 1 from `student.text_encoder` + `student.vision`, later stages from
+   the previous stage's `final/` (or --init-from); a resumed stage rebuilds the architecture
+   from its own saved config, so the original folders need not exist any more;
+3. freeze everything but the stage's trainable parameters (`StageSpec.apply`);
+4. batches: stages 1-3 read texts + teacher targets from the store (no teacher model is ever
+   built); stage 4 reads image-caption pairs, its targets being the frozen student's caption
+   vectors cached once in a small store;
+5. AdamW over the trainable parameters, cosine schedule with linear warmup, all under
+   accelerate (DeepSpeed ZeRO-2 or DDP), with gradient accumulation and clipping;
+6. the loop: loss, NaN/inf guard, backward, step; per-component losses to log.jsonl (and
+   TensorBoard when installed); a checkpoint every `checkpoint_every` steps and at the end;
+7. the final model (safetensors) and tokenizer to `final/`, which the next stage starts from.
+
+Resume is automatic: a stage folder with a complete checkpoint continues from the latest one,
+bit for bit (same weights and loss sequence as a run that was never interrupted, given the same
+hardware, process count and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import AutoTokenizer, SiglipVisionConfig, get_cosine_schedule_with_warmup
+
+from distill import checkpoint
+from distill.config import DistillError, ResolvedStage, TrainConfig, resume_differences, write_json_atomic
+from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
+from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
+from distill.model import JasperConfig, JasperStudent, build_student
+from distill.stages import STAGES, StageSpec, stage_loss
+from embed_cache.store import TargetStore
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+LOG_FILE = "log.jsonl"
+MODEL_DIR = "model"  # the stage's architecture + tokenizer, to rebuild it on resume
+FINAL_DIR = "final"
+
+
+def run_dir(config: TrainConfig) -> Path:
+    return Path(config.run_dir or Path("runs") / config.name)
+
+
+def stage_dir(config: TrainConfig, stage: int) -> Path:
+    return run_dir(config) / f"stage{stage}"
+
+
+def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) -> Path:
+    """Train (or resume) one stage; returns its final model folder."""
+    if stage not in STAGES:
+        raise DistillError(f"--stage {stage}: Jasper has stages 1, 2, 3 and 4.")
+    settings = config.stage_settings(stage)
+    spec = dataclasses.replace(STAGES[stage], self_distillation=config.self_distillation and stage == 3)
+    folder = stage_dir(config, stage)
+    resume_from = checkpoint.latest(folder)
+    saved = checkpoint.read_state(resume_from) if resume_from else None
+    if saved:
+        differences = resume_differences(saved["config"], config, stage)
+        if differences:
+            raise DistillError(
+                f"{folder} holds a checkpoint made with other settings ({'; '.join(differences)}): resume "
+                "with the same settings, or start over in a new --run-dir."
+            )
+
+    accelerator = make_accelerator(config, settings, folder)
+    set_seed(config.seed)
+    model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
+    spec.apply(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(settings.warmup * settings.steps), num_training_steps=settings.steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step = 0
+    if resume_from:
+        step = checkpoint.load(accelerator, resume_from)["step"]
+        if accelerator.is_main_process:
+            truncate_log(folder / LOG_FILE, step)
+            print(f"resuming stage {stage} from {resume_from} (step {step} of {settings.steps})")
+    # after the checkpoint: stage 4's caption targets come from the model's (frozen) text side
+    batches = make_batches(config, settings, spec, accelerator.unwrap_model(model), tokenizer, accelerator,
+                           folder, saved)
+
+    trainer_state = lambda: {  # noqa: E731 - what a checkpoint adds to accelerate's state
+        "stage": stage, "total_steps": settings.steps, "sampler": batches.state(), "config": config.to_dict(),
+    }
+    train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
+               trainer_state, config.log_every)
+    return save_final(accelerator, model, tokenizer, folder, stage, config)
+
+
+# ---------------------------------------------------------------------- set-up
+def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path) -> Accelerator:
+    """DeepSpeed ZeRO-2 (the shipped config) or DDP; bf16 on GPU."""
+    cuda = torch.cuda.is_available()
+    strategy = config.strategy if config.strategy != "auto" else ("deepspeed" if cuda else "ddp")
+    if strategy not in ("deepspeed", "ddp"):
+        raise DistillError(f"strategy={config.strategy!r}: use auto, deepspeed or ddp.")
+    precision = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no")
+    trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
+    options = dict(
+        gradient_accumulation_steps=settings.grad_accum,
+        mixed_precision=precision,
+        # the schedule counts optimizer steps on one process; accelerate's default would step it
+        # once per process per step
+        step_scheduler_with_optimizer=False,
+        project_dir=str(folder),
+        log_with=trackers,
+    )
+    if strategy == "deepspeed":
+        ds_config = json.loads(Path(config.deepspeed_config or SHIPPED_CONFIGS / "zero2.json").read_text())
+        # no DataLoader goes through accelerate, so it cannot fill these "auto" values itself
+        ds_config["train_micro_batch_size_per_gpu"] = settings.batch_size
+        ds_config["gradient_accumulation_steps"] = settings.grad_accum
+        ds_config["gradient_clipping"] = settings.clip
+        options["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+        if not cuda:  # DeepSpeed on CPU (tests): gloo; Accelerator(cpu=True) would drop DeepSpeed
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        options["cpu"] = not cuda
+    accelerator = Accelerator(**options)
+    if trackers:
+        accelerator.init_trackers("tensorboard", config={"stage": settings.stage, "lr": settings.learning_rate,
+                                                         "steps": settings.steps, "batch_size": settings.batch_size})
+    return accelerator
+
+
+def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resumed: bool,
+                 accelerator: Accelerator) -> tuple[JasperStudent, object]:
+    """The stage's start model, and its tokenizer (saved under <stage>/model for resumes)."""
+    architecture = folder / MODEL_DIR
+    if resumed:
+        # the checkpoint overwrites every weight: only the architecture is needed
+        return JasperStudent(JasperConfig.from_pretrained(architecture)), AutoTokenizer.from_pretrained(architecture)
+    if stage == 1 and init_from is None:
+        student = config.student
+        vision = SiglipVisionConfig(**student.vision) if isinstance(student.vision, dict) else student.vision
+        tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
+        model, tokenizer = build_student(
+            student.text_encoder, vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
+            tokenizer=tokenizer, trust_remote_code=student.trust_remote_code,
+        )
+    else:
+        source = Path(init_from) if init_from else stage_dir(config, stage - 1) / FINAL_DIR
+        if not (source / "config.json").is_file():
+            raise DistillError(
+                f"stage {stage} starts from stage {stage - 1}'s final model, but {source} holds none: run "
+                f"`jasper-distill run --stage {stage - 1}` first, or pass --init-from DIR."
+            )
+        model = JasperStudent.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if accelerator.is_main_process:
+        model.config.save_pretrained(architecture)
+        tokenizer.save_pretrained(architecture)
+    accelerator.wait_for_everyone()
+    return model, tokenizer
+
+
+def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, model: JasperStudent,
+                 tokenizer, accelerator: Accelerator, folder: Path, saved: dict | None) -> "Batches":
+    """Stages 1-3: the store's rows; stage 4: the image-caption pairs and their cached targets."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    position = saved["sampler"] if saved else {"epoch": 0, "batch": 0, "world": world}
+    if position["world"] != world:
+        raise DistillError(
+            f"this stage's checkpoint was made with {position['world']} processes, this launch has {world}: "
+            "the data order and ZeRO optimizer shards depend on it, so launch with the same count."
+        )
+    if spec.teacher == "target":
+        if not config.store:
+            raise DistillError(f"stage {spec.stage} reads teacher targets from a store: set `store:` in the config.")
+        store = TargetStore.open(config.store, storage_options=config.storage_options)
+        if store.dim != model.config.head_dims[0]:
+            raise DistillError(
+                f"the store's targets are {store.dim}-d but FC1 is {model.config.head_dims[0]}-d: set "
+                f"student.head_dims[0] to {store.dim} (FC1 learns the whole target)."
+            )
+        shards = position.get("shards") or usable_shards(store, config.allow_partial)
+        missing = sorted(set(shards) - set(store.complete_shards()))
+        if missing:
+            raise DistillError(f"the checkpoint trained on shards {missing}, which store {store.url} lacks.")
+        plan = BlockPlan(store_blocks(store, shards, config.block_chunks), settings.batch_size, config.seed,
+                         config.shuffle_blocks, rank, world)
+        dataset = lambda epoch, start: StoreBatches(  # noqa: E731
+            plan, epoch, start, config.store, config.storage_options, tokenizer, config.max_length)
+    else:
+        if not config.images:
+            raise DistillError("stage 4 trains on image-caption pairs: set `images:` to their folder.")
+        pairs = load_pairs(config.images)
+        captions = folder / "caption_targets.zarr"
+        if accelerator.is_main_process:
+            build_caption_targets(model, tokenizer, [p.caption for p in pairs], captions,
+                                  config.max_length)
+        accelerator.wait_for_everyone()
+        image_size = config.image_size or model.config.vision_config.image_size
+        plan = pair_plan(pairs, settings.batch_size, config.seed, rank, world)
+        dataset = lambda epoch, start: ImageBatches(  # noqa: E731
+            plan, epoch, start, config.images, pairs, str(captions), tokenizer, model.config, image_size,
+            config.max_length)
+        shards = None
+    return Batches(BatchStream(plan, dataset, config.num_workers, position["epoch"], position["batch"]),
+                   {"world": world, "shards": shards})
+
+
+class Batches:
+    """The batch stream plus what its position means (process count, shards used)."""
+
+    def __init__(self, stream: BatchStream, identity: dict):
+        self.stream, self.identity = stream, identity
+        self._iterator: Iterator | None = None
+
+    def next(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self.stream)
+        return next(self._iterator)
+
+    def state(self) -> dict:
+        return {**self.stream.position, **self.identity}
+
+
+# ---------------------------------------------------------------------- the loop
+def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
+               trainer_state, log_every) -> None:
+    model.train()
+    samples_per_step = settings.batch_size * settings.grad_accum * accelerator.num_processes
+    bar = tqdm(total=settings.steps, initial=step, desc=f"stage {spec.stage}", unit="step",
+               disable=not accelerator.is_main_process)
+    log = (folder / LOG_FILE).open("a", encoding="utf-8") if accelerator.is_main_process else None
+    started, first_step = time.perf_counter(), step
+    while step < settings.steps:
+        values: dict[str, float] = {}
+        for micro in range(settings.grad_accum):
+            batch = {key: value.to(accelerator.device) for key, value in batches.next().items()}
+            with accelerator.accumulate(model):
+                loss = forward(model, spec, batch)
+                check_finite(accelerator, loss.total, step + 1, micro, batch["rows"])
+                accelerator.backward(loss.total)
+                if accelerator.sync_gradients and settings.clip > 0:
+                    accelerator.clip_grad_norm_(trainable, settings.clip)
+                optimizer.step()
+                optimizer.zero_grad()
+            for name, value in loss_values(loss).items():
+                values[name] = values.get(name, 0.0) + value.detach() / settings.grad_accum
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        step += 1
+        record = reduce_record(accelerator, values)
+        rate = (step - first_step) * samples_per_step / (time.perf_counter() - started)
+        record.update(step=step, lr=lr, samples_per_s=round(rate, 2))
+        if accelerator.is_main_process:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{rate:.1f}")
+            if step % log_every == 0 or step == settings.steps:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            checkpoint.save(accelerator, folder, step, trainer_state(), settings.keep_last)
+    bar.close()
+    if log:
+        log.close()
+
+
+def forward(model, spec: StageSpec, batch: dict):
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch.get("pixel_values"))
+    targets = batch["targets"].float()
+    if spec.teacher == "caption":
+        targets = split_heads(targets, [outputs[name].shape[-1] for name in outputs])
+    return stage_loss(spec, outputs, targets)
+
+
+def loss_values(loss) -> dict[str, torch.Tensor]:
+    """Flat names for logging: loss, cosine, similarity, relative_similarity, fc1/cosine, ..."""
+    values = {"loss": loss.total, **loss.components}
+    for head, parts in loss.per_head.items():
+        values.update({f"{head}/{name}": value for name, value in parts.items()})
+    return values
+
+
+def reduce_record(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over processes, in one collective."""
+    names = sorted(values)
+    stacked = accelerator.reduce(torch.stack([values[n].float() for n in names]), reduction="mean")
+    return dict(zip(names, stacked.tolist()))
+
+
+def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, micro: int, rows: torch.Tensor) -> None:
+    """Stop every process (not just the one that saw it, which would leave the others waiting)."""
+    bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device))
+    if bad.any():
+        where = [rank for rank, flag in enumerate(bad.tolist()) if flag]
+        mine = f"; this process's batch rows: {rows.tolist()}" if accelerator.process_index in where else ""
+        raise DistillError(
+            f"the loss became {loss.item()} at step {step} (micro-batch {micro}) on process(es) {where}{mine}. "
+            "Check those rows' targets (`jasper-cache verify`), lower the learning rate, or resume from an "
+            "earlier checkpoint."
+        )
+
+
+# ---------------------------------------------------------------------- outputs
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from: they will be written again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, stage: int, config: TrainConfig) -> Path:
+    """save_pretrained (safetensors) + tokenizer into <stage>/final, atomically."""
+    state = accelerator.get_state_dict(model)
+    final, tmp = folder / FINAL_DIR, folder / f".tmp-{FINAL_DIR}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "training.json", {"stage": stage, "config": config.to_dict()})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
