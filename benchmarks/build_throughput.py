@@ -62,7 +62,7 @@ def main() -> None:
         build_seconds = time.perf_counter() - started
 
     n = len(texts)
-    print(f"| what | texts/s | ratio |\n| --- | --- | --- |")
+    print("| what | texts/s | ratio |\n| --- | --- | --- |")
     print(f"| sentence-transformers encode (batch 32) | {n / encode_seconds:,.1f} | 1.00 |")
     print(f"| jasper-cache build (store reads + writes) | {n / build_seconds:,.1f} | {encode_seconds / build_seconds:.2f} |")
     print(f"\npadded-token efficiency of the build: {summary.padding_efficiency:.3f} "

@@ -66,7 +66,7 @@ def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3):
     options, root = s3
     teacher = TeacherSpec(name="alpha", model=str(save_teacher(tmp_path / "alpha", seed=1)), dim=32)
     url = "s3://bucket/cache.zarr"
-    store = make_store(tmp_path, n=100, url=url, teachers=[teacher], storage_options=options)
+    make_store(tmp_path, n=100, url=url, teachers=[teacher], storage_options=options)
     assert build(url, "alpha", storage_options=options, progress=False, log=lambda *_: None).texts == 100
     remote = TargetStore.open(url, storage_options=options)
     assert verify_store(remote, progress=False).problems == [] and remote.complete_shards() == [0, 1, 2, 3]
