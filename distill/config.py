@@ -62,6 +62,16 @@ class StageSettings:
     checkpoint_every: int = 500  # optimizer steps
     keep_last: int = 2  # complete checkpoints kept
 
+    def __post_init__(self):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as the number it obviously is
+        for name in ("learning_rate", "warmup", "clip", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise DistillError(f"{name}={value!r} is not a number.") from None
+
 
 @dataclass
 class TrainConfig:

@@ -1,0 +1,198 @@
+"""The training recipe: stages 1-3 overfit a fixed batch and train only their parameters; checkpoints
+resume bit for bit (after SIGKILL, and on another machine); DDP and DeepSpeed ZeRO-2 on 2 CPU processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from store_helpers import TEACHERS, fake_vectors
+from train_helpers import SUBPROCESS_ENV, config_file, student_settings, train_settings, word_store
+from transformers import AutoTokenizer, SiglipVisionConfig
+
+import embed_cache.teachers
+from distill import checkpoint
+from distill.config import DistillError, load_config
+from distill.model import JasperStudent, build_student
+from distill.stages import STAGES
+from distill.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO),
+       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "jasper" / "torch_extensions")}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def losses(stage_dir: Path, keys=("step", "lr", "loss", "cosine", "similarity", "relative_similarity")):
+    return [tuple(record[k] for k in keys) for record in map(json.loads, (stage_dir / "log.jsonl").open())]
+
+
+def final_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(stage_dir / "final" / "model.safetensors")
+
+
+def changed_parameters(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_stages_1_to_3_overfit_a_fixed_batch_and_train_only_their_parameters(tmp_path, monkeypatch):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher model was constructed during stages 1-3")
+
+    monkeypatch.setattr(embed_cache.teachers, "load_teacher", no_teacher)
+    monkeypatch.setattr("sentence_transformers.SentenceTransformer.__init__", no_teacher)
+    store = word_store(tmp_path / "store", n=16, shard_rows=16, chunk_rows=16)  # one batch: every step sees it
+    config = config_file(tmp_path, store.url, steps=10, batch=16)
+
+    student = student_settings(tmp_path)
+    set_seed(0)  # what run() does before building the stage-1 student
+    built, _ = build_student(student["text_encoder"], SiglipVisionConfig(**student["vision"]),
+                             head_dims=student["head_dims"], num_img_tokens=5,
+                             tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
+    before = {name: value.detach().clone() for name, value in built.state_dict().items()}
+
+    for stage, lr in ((1, 1e-2), (2, 1e-3), (3, 3e-4)):
+        final = run(load_config(config, [f"stage{stage}.learning_rate={lr}"]), stage)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        stage_losses = [loss for _, _, loss, *_ in losses(final.parent)]
+        assert len(stage_losses) == 10
+        assert stage_losses[-1] < 0.9 * stage_losses[0], stage_losses
+        after = final_weights(final.parent)
+        trainable = STAGES[stage].trainable_parameter_names(built)
+        assert changed_parameters(before, after) == trainable, f"stage {stage}"
+        reloaded = JasperStudent.from_pretrained(final)
+        assert reloaded.config.head_dims == student["head_dims"]
+        before = after
+
+
+def test_a_stage_without_its_predecessor_names_the_stage_to_run_first(tmp_path):
+    store = word_store(tmp_path / "store", n=16, shard_rows=16, chunk_rows=16)
+    with pytest.raises(DistillError, match=r"run --stage 2` first, or pass --init-from"):
+        run(load_config(config_file(tmp_path, store.url)), 3)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_rows(tmp_path):
+    store = word_store(tmp_path / "store", n=16, shard_rows=16, chunk_rows=16)
+    vectors = fake_vectors(store, "big", 0)
+    vectors[5] = np.inf
+    store.mark_done("big", 0, store.write_shard("big", 0, vectors))
+    with pytest.raises(DistillError, match=r"step 1 \(micro-batch 0\).*rows: \[.*\b5\b"):
+        run(load_config(config_file(tmp_path, store.url, batch=16)), 1)
+
+
+def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path):
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    config = config_file(tmp_path, store.url, steps=6)
+    stage_dir = run(load_config(config), 1).parent
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert [p.name for p in checkpoint.checkpoints(stage_dir)] == ["step-00000003", "step-00000006"]
+
+    with pytest.raises(DistillError, match=r"stage1.learning_rate: 0.003 != 0.001"):
+        run(load_config(config, ["stage1.learning_rate=1e-3"]), 1)
+
+    # a save killed before its rename, and a folder without its state file, are not checkpoints
+    (stage_dir / "checkpoints" / ".tmp-step-00000009").mkdir()
+    (stage_dir / "checkpoints" / "step-00000012").mkdir()
+    assert checkpoint.latest(stage_dir).name == "step-00000006"
+
+
+# ---------------------------------------------------------------------- subprocesses
+def distill(*args, launcher=(sys.executable,), **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, "-m", "distill", *map(str, args)], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout=300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sigkill_then_resume_here_and_on_another_machine_equals_an_uninterrupted_run(tmp_path):
+    store = word_store(tmp_path / "data", n=256, shard_rows=64, chunk_rows=16)
+    settings = dict(steps=40, batch=8, num_workers=1)
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+    straight_cfg = config_file(tmp_path / "straight", store.url, **settings)
+    killed_cfg = config_file(tmp_path / "killed", store.url, **settings)
+    straight = distill("run", "--stage", 1, "--config", straight_cfg)
+    killed = distill("run", "--stage", 1, "--config", killed_cfg)
+    stage_dir = tmp_path / "killed" / "run" / "stage1"
+    deadline = time.monotonic() + 240
+    while not checkpoint.checkpoints(stage_dir) and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.checkpoints(stage_dir), "no checkpoint was written before the deadline"
+    assert not (stage_dir / "final").exists(), "the run finished before it could be killed"
+    finish(straight)
+
+    # another machine: the store and the run directory copied to new paths, the store read by URL
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "data" / "store.zarr", moved / "store.zarr")
+    shutil.copytree(tmp_path / "killed" / "run", moved / "run")
+    for original in ("encoder", "tokenizer"):  # a resume needs only the run directory and the store
+        shutil.rmtree(tmp_path / "killed" / original)
+    here = distill("run", "--stage", 1, "--config", killed_cfg)
+    there = distill("run", "--stage", 1, "--config", killed_cfg, "--run-dir", moved / "run",
+                    "--set", f"store=file://{moved / 'store.zarr'}")
+    assert "resuming stage 1" in finish(here)
+    assert "resuming stage 1" in finish(there)
+
+    expected_losses = losses(tmp_path / "straight" / "run" / "stage1")
+    expected_weights = final_weights(tmp_path / "straight" / "run" / "stage1")
+    for resumed in (stage_dir, moved / "run" / "stage1"):
+        assert losses(resumed) == expected_losses
+        weights = final_weights(resumed)
+        assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
+
+
+def test_stage1_under_ddp_and_deepspeed_zero2_on_two_processes(tmp_path):
+    store = word_store(tmp_path / "data", n=256, shard_rows=64, chunk_rows=16)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    config = config_file(tmp_path, store.url, steps=4, batch=8)
+    runs = {}
+    for strategy in ("ddp", "deepspeed"):
+        run_dir = tmp_path / strategy
+        runs[strategy] = run_dir / "stage1"
+        output = finish(distill("run", "--stage", 1, "--config", config, "--run-dir", run_dir,
+                                "--set", f"strategy={strategy}", launcher=launcher), timeout=400)
+        assert "stage 1 done" in output
+    if not (runs["deepspeed"] / "checkpoints" / "step-00000004" / "pytorch_model").is_dir():
+        pytest.fail("the DeepSpeed run did not write a DeepSpeed checkpoint: DeepSpeed was not used")
+    ddp, deepspeed = losses(runs["ddp"]), losses(runs["deepspeed"])
+    assert len(ddp) == len(deepspeed) == 4
+    # same data split, same math: the two engines agree (up to summation order)
+    np.testing.assert_allclose(np.array(ddp), np.array(deepspeed), rtol=1e-4, atol=1e-5)
+    a, b = final_weights(runs["ddp"]), final_weights(runs["deepspeed"])
+    assert changed_parameters(a, b) <= {"heads.fc1.weight", "heads.fc1.bias"}
+    torch.testing.assert_close(a["heads.fc1.weight"], b["heads.fc1.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_status_and_user_errors(tmp_path):
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    config = config_file(tmp_path, store.url, steps=3)
+    error = distill("run", "--stage", 2, "--config", config)
+    output, _ = error.communicate(timeout=120)
+    assert error.returncode == 2 and "Traceback" not in output
+    assert "run --stage 1` first" in output
+    finish(distill("run", "--stage", 1, "--config", config, "--max-steps", 2))
+    status = finish(distill("status", tmp_path / "run"))
+    assert "stage1" in status and "2/2" in status and "step-00000002" in status and "yes" in status
