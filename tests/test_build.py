@@ -254,3 +254,17 @@ def test_huge_nul_emoji_and_many_script_texts_build_and_round_trip(tmp_path, tea
 def test_max_length_beyond_the_models_positions_is_refused(teachers):
     with pytest.raises(CacheError, match="max_length 1024 exceeds the 512 positions.*max_length: 512"):
         load_teacher(replace(teachers[0], max_length=1024))
+
+
+def test_a_shard_torn_mid_write_is_rewritten_by_the_resume(tmp_path, teachers):
+    # what a kill inside write_shard leaves: a partial shard object and no completion record
+    reference = prepared(tmp_path, teachers[:1], "reference.zarr", n=64)
+    build(reference, "alpha", batch_tokens=256, progress=False, log=quiet)
+    url = prepared(tmp_path, teachers[:1], "torn.zarr", n=64)
+    torn = Path(url) / "targets" / "c" / "2" / "0"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes((Path(reference) / "targets" / "c" / "2" / "0").read_bytes()[:500])
+    assert TargetStore.open(url).pending_shards("alpha") == [0, 1, 2, 3]
+    build(url, "alpha", batch_tokens=256, progress=False, log=quiet)
+    (a, records_a), (b, records_b) = targets_and_records(reference), targets_and_records(url)
+    assert np.array_equal(a, b) and np.array_equal(records_a["alpha"], records_b["alpha"])
