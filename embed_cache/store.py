@@ -288,6 +288,11 @@ class TargetStore:
                 f"got {vectors.shape}. Check the teacher's output dim."
             )
         block = np.ascontiguousarray(vectors, dtype=np.float16)
+        # zarr merges a shard write into the existing object, reading it first; an object torn by
+        # a killed writer (or found corrupt by verify) would fail that read, so start clean. The
+        # objects are this teacher's alone and the shard is not marked done, so nothing is lost.
+        for key in self._shard_object_keys(teacher, shard):
+            zarr.core.sync.sync(self.group.store.delete(key))
         self.group["targets"][start:stop, columns.start:columns.stop] = block
         return block_digest(block)
 
@@ -300,13 +305,15 @@ class TargetStore:
         self.shard_range(shard)
         self.group[f"done/{self.columns(teacher).spec.name}"][shard] = np.zeros(2, dtype=np.uint64)
 
-    def missing_objects(self, teacher: str, shard: int) -> list[str]:
-        """Keys of this teacher's shard objects that are absent from the store."""
+    def _shard_object_keys(self, teacher: str, shard: int) -> list[str]:
         columns = self.columns(teacher)
         width = self.group.attrs["column_block"]
-        keys = [f"targets/c/{shard}/{block}" for block in range(columns.start // width, columns.stop // width)]
+        return [f"targets/c/{shard}/{block}" for block in range(columns.start // width, columns.stop // width)]
+
+    def missing_objects(self, teacher: str, shard: int) -> list[str]:
+        """Keys of this teacher's shard objects that are absent from the store."""
         store = self.group.store
-        return [key for key in keys if not zarr.core.sync.sync(store.exists(key))]
+        return [key for key in self._shard_object_keys(teacher, shard) if not zarr.core.sync.sync(store.exists(key))]
 
     def done_records(self, teacher: str) -> np.ndarray:
         """(S, 2) [rows, digest] per shard; rows == 0 means not done (unreadable records too)."""
