@@ -9,6 +9,8 @@ inside, so raw student heads and sentence-transformers models are compared the s
 - WordNet retrieval on 1,000 held-out synsets (never in the demo corpus): the query is the
   synset's lemma words ("signals intelligence, SIGINT"), the answer its gloss among all 1,000
   glosses; R@1, R@10 and MRR.
+- Emoji image -> caption retrieval (stage 4) on held-out pairs: the image's vector (image alone,
+  no prompt) against every held-out caption's text vector, per head; R@1, R@10, MRR, mean rank.
 """
 
 import gzip
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -52,11 +55,39 @@ def wordnet_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "wordnet
         synsets = [json.loads(line) for line in handle]
     queries = _unit(encode([", ".join(s["words"]) for s in synsets]))
     glosses = _unit(encode([s["gloss"] for s in synsets]))
-    scores = queries @ glosses.T
-    # rank of the right gloss = how many glosses score strictly higher, plus one
+    return retrieval_metrics(queries, glosses)
+
+
+def retrieval_metrics(queries: np.ndarray, answers: np.ndarray) -> dict[str, float]:
+    """Query i's right answer is answers[i]; its rank = answers scoring strictly higher, plus one."""
+    scores = _unit(queries) @ _unit(answers).T
     ranks = (scores > np.diag(scores)[:, None]).sum(1) + 1
     return {"R@1": float((ranks <= 1).mean()), "R@10": float((ranks <= 10).mean()),
             "MRR": float((1.0 / ranks).mean())}
+
+
+@torch.no_grad()
+def image_caption_retrieval(model, tokenizer, folder: Path, pairs, image_size: int | None = None,
+                            batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """{head: metrics} of each held-out image retrieving its caption among all the pairs' captions."""
+    from distill.images import load_image
+    from distill.model import image_inputs
+
+    image_size = image_size or model.config.vision_config.image_size
+    was_training = model.training
+    model.eval()
+    images, captions = [], []
+    for first in range(0, len(pairs), batch_size):
+        batch = pairs[first:first + batch_size]
+        pixels = torch.stack([load_image(Path(folder) / pair.file, image_size) for pair in batch])
+        placeholders = image_inputs(tokenizer, model.config, [""] * len(batch))
+        images.append(model.encode_image(pixels, placeholders["input_ids"], placeholders["attention_mask"]))
+        texts = tokenizer([pair.caption for pair in batch], padding=True, truncation=True, return_tensors="pt")
+        captions.append(model.encode_text(texts["input_ids"], texts["attention_mask"]))
+    model.train(was_training)
+    return {head: retrieval_metrics(torch.cat([b[head] for b in images]).float().numpy(),
+                                    torch.cat([b[head] for b in captions]).float().numpy())
+            for head in images[0]}
 
 
 def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:

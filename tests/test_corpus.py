@@ -8,7 +8,14 @@ import pytest
 from store_helpers import NO_AUGMENT, TEACHERS, fill, make_store, write_jsonl
 
 from embed_cache.corpus import (
-    AugmentSpec, PrepareConfig, SourceReport, SourceSpec, augment, prepare, quotas, split_sentences,
+    AugmentSpec,
+    PrepareConfig,
+    SourceReport,
+    SourceSpec,
+    augment,
+    prepare,
+    quotas,
+    split_sentences,
 )
 from embed_cache.errors import CacheError
 from embed_cache.hashing import text_keys

@@ -2,7 +2,6 @@
 resume bit for bit (after SIGKILL, and on another machine); DDP and DeepSpeed ZeRO-2 on 2 CPU processes."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,8 +15,8 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from store_helpers import TEACHERS, fake_vectors
-from train_helpers import SUBPROCESS_ENV, config_file, student_settings, train_settings, word_store
+from store_helpers import fake_vectors
+from train_helpers import SUBPROCESS_ENV, config_file, student_settings, word_store
 from transformers import AutoTokenizer, SiglipVisionConfig
 
 import embed_cache.teachers
