@@ -17,12 +17,7 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# Until `jasper-pipeline run` lands, the demo is phase 1: prepare the shipped corpus, build both
-# teachers (each resumes where it stopped), verify.
-DEMO_STORE := runs/demo/cache.zarr
+# The demo: every phase on the embedded `demo` preset (pipeline/presets/demo.yaml) into runs/demo;
+# rerunning continues where it stopped.
 demo: setup
-	test -e $(DEMO_STORE)/zarr.json || $(VENV)/bin/jasper-cache prepare -c configs/cache-demo.yaml
-	$(VENV)/bin/jasper-cache build --store $(DEMO_STORE) --teacher mpnet
-	$(VENV)/bin/jasper-cache build --store $(DEMO_STORE) --teacher minilm
-	$(VENV)/bin/jasper-cache verify $(DEMO_STORE) --require-complete
-	$(VENV)/bin/jasper-cache status $(DEMO_STORE)
+	$(VENV)/bin/jasper-pipeline run --preset demo

@@ -45,6 +45,7 @@ from distill.images import ImageBatches, build_caption_targets, load_pairs, pair
 from distill.model import JasperConfig, JasperStudent, build_student
 from distill.stages import STAGES, StageSpec, stage_loss
 from embed_cache.store import TargetStore
+from embed_cache.teachers import local_model
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 LOG_FILE = "log.jsonl"
@@ -151,13 +152,7 @@ def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resum
         # the checkpoint overwrites every weight: only the architecture is needed
         return JasperStudent(JasperConfig.from_pretrained(architecture)), AutoTokenizer.from_pretrained(architecture)
     if stage == 1 and init_from is None:
-        student = config.student
-        vision = SiglipVisionConfig(**student.vision) if isinstance(student.vision, dict) else student.vision
-        tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
-        model, tokenizer = build_student(
-            student.text_encoder, vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
-            tokenizer=tokenizer, trust_remote_code=student.trust_remote_code,
-        )
+        model, tokenizer = initial_student(config)
     else:
         source = Path(init_from) if init_from else stage_dir(config, stage - 1) / FINAL_DIR
         if not (source / "config.json").is_file():
@@ -172,6 +167,18 @@ def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resum
         tokenizer.save_pretrained(architecture)
     accelerator.wait_for_everyone()
     return model, tokenizer
+
+
+def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
+    """Stage 1's start: the configured text encoder + vision tower, heads fresh from `config.seed`."""
+    set_seed(config.seed)
+    student = config.student
+    vision = SiglipVisionConfig(**student.vision) if isinstance(student.vision, dict) else student.vision
+    tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
+    return build_student(
+        local_model(student.text_encoder), vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
+        tokenizer=tokenizer, trust_remote_code=student.trust_remote_code,
+    )
 
 
 def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, model: JasperStudent,

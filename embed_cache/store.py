@@ -70,7 +70,7 @@ def open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | No
     )
 
 
-def _store_exists(url: str | Path, storage_options: dict | None) -> bool:
+def store_exists(url: str | Path, storage_options: dict | None) -> bool:
     """True when anything (a store or not) already lives at url."""
     url = str(url)
     if "://" not in url or url.startswith("file://"):
@@ -412,7 +412,7 @@ def block_digest(block: np.ndarray) -> int:
 
 def check_can_write_new_store(url, overwrite: bool, storage_options: dict | None = None) -> None:
     """Refuse to replace anything at url unless it is a store and overwrite is given."""
-    if not _store_exists(url, storage_options):
+    if not store_exists(url, storage_options):
         return
     try:
         existing = zarr.open_group(open_zarr_store(url, True, storage_options), mode="r")

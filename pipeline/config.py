@@ -1,0 +1,135 @@
+"""One config for a whole run: corpus and store, teachers, student and stages, evaluation, export.
+
+Precedence, lowest first: the preset (`pipeline/presets/<name>.yaml`), the user's YAML file
+(deep-merged over it), `--set key=value` overrides, then the dedicated CLI flags (`--out`).
+Strings starting with `@data/` point into the data shipped with the project (pipeline/data), so
+presets work from any working directory; `@tiny/` points at <out>/tiny-models (the tiny preset).
+
+    name: demo
+    out: runs/demo                      # everything the run writes lives here
+    cache: {...}                        # embed_cache PrepareConfig: sources, teachers, total, ...
+    train: {...}                        # distill TrainConfig: student, stage1..stage4, ...
+    stages: [1, 2, 3, 4]
+    evaluation: {fidelity_texts: ..., emoji_heldout: 256, ...}
+    export_dims: null                   # heads to export (default: all)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import TrainConfig, apply_overrides
+from embed_cache.config import from_mapping, load_yaml
+from embed_cache.corpus import PrepareConfig
+from embed_cache.errors import CacheError
+
+PRESETS = Path(__file__).parent / "presets"
+DATA = Path(__file__).parent / "data"
+DATA_PREFIX = "@data/"
+TINY_PREFIX = "@tiny/"
+TINY_MODELS = "tiny-models"
+
+
+@dataclass
+class EvalSettings:
+    # Lee, WordSim-353, SimLex-999 and held-out WordNet retrieval for every model in the report
+    benchmarks: bool = True
+    # Held-out texts (never in the corpus) embedded by the teachers into a store of their own:
+    # fidelity = how close the student's heads come to those targets.
+    fidelity_texts: str | None = "@data/eval/wordnet_heldout.jsonl.gz"
+    fidelity_field: str = "gloss"
+    # Image-caption pairs for stage 4: the first `emoji_heldout` of a seeded permutation are held
+    # out of training and used for image -> caption retrieval.
+    images: str | None = "@data/emoji"
+    emoji_heldout: int = 256
+    batch_size: int = 64
+
+
+@dataclass
+class BuildSettings:
+    batch_tokens: int = 16384
+    device: str | None = None
+
+
+@dataclass
+class PipelineConfig:
+    cache: PrepareConfig
+    name: str = "demo"
+    out: str = "runs/demo"
+    build: BuildSettings = field(default_factory=BuildSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    export_dims: list[int] | None = None
+    seed: int = 0
+    tiny_models: bool = False  # build pipeline/tiny.py's random models under <out>/tiny-models first
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_pipeline_config(preset: str | None = "demo", path: str | Path | None = None,
+                         overrides: list[str] = (), out: str | None = None) -> PipelineConfig:
+    """The resolved config: preset, then the file, then --set overrides, then --out."""
+    data: dict = {}
+    if preset:
+        if preset not in preset_names():
+            raise CacheError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}.")
+        data = load_yaml(PRESETS / f"{preset}.yaml")
+    if path:
+        data = deep_merge(data, load_yaml(path))
+    apply_overrides(data, list(overrides))
+    if out is not None:
+        data["out"] = out
+    data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: Path(data.get("out", "runs/demo")).resolve() / TINY_MODELS})
+    config = from_mapping(PipelineConfig, data, where=str(path or f"preset {preset}"))
+    return fill_derived(config)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mappings merged key by key, anything else replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_paths(value, prefixes: dict[str, Path]):
+    if isinstance(value, str):
+        for prefix, folder in prefixes.items():
+            if value.startswith(prefix):
+                return str(folder / value[len(prefix):])
+        return value
+    if isinstance(value, dict):
+        return {key: expand_paths(item, prefixes) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_paths(item, prefixes) for item in value]
+    return value
+
+
+def fill_derived(config: PipelineConfig) -> PipelineConfig:
+    """Where things live inside `out`, unless the config says otherwise."""
+    out = Path(config.out)
+    config.cache.out = config.cache.out or str(out / "cache.zarr")
+    train = config.train
+    train.name = config.name
+    train.run_dir = train.run_dir or str(out / "train")
+    train.store = train.store or config.cache.out
+    train.storage_options = train.storage_options or config.cache.storage_options
+    train.seed = config.seed
+    if config.evaluation.images and 4 in config.stages:
+        train.images = train.images or str(out / "emoji-train")  # written by the run (pipeline.run.split_pairs)
+    bad = sorted(set(config.stages) - {1, 2, 3, 4})
+    if bad or config.stages != sorted(set(config.stages)):
+        raise CacheError(f"stages={config.stages}: list stages from 1 to 4 in order, each once.")
+    return config

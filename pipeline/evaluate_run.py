@@ -1,0 +1,122 @@
+"""The pipeline's evaluation phase: every teacher and every student checkpoint on the same tasks.
+
+Results go to <out>/eval.json, model by model (a rerun skips models already scored):
+
+    {"models": {
+        "teacher mpnet": {"dim": 768, "benchmarks": {"lee": ..., "wordnet MRR": ...}},
+        "student init":  {"heads": {"fc1": {"dim": 1152, "benchmarks": {...},
+                                            "fidelity": {"cosine": ..., "similarity spearman": ...},
+                                            "emoji": {"R@1": ..., "MRR": ...}}, ...}},
+        "stage 1": ..., "stage 4": ...}}
+
+The student's init is stage 1's start (the text encoder with fresh heads and tower, seeded as
+training seeds it); each stage is its `final/` model. Fidelity is measured on held-out texts the
+teachers embedded into <out>/heldout.zarr; emoji retrieval on the pairs held out of stage 4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from distill.images import load_pairs
+from distill.model import JasperStudent
+from distill.train import FINAL_DIR, initial_student, stage_dir
+from embed_cache.store import TargetStore
+from embed_cache.teachers import load_teacher, prepare_texts, resolve_teacher
+from pipeline.config import PipelineConfig
+from pipeline.evaluate import StudentHeads, fidelity, image_caption_retrieval, student_vectors, text_benchmarks
+
+EVAL_FILE = "eval.json"
+HELDOUT_STORE = "heldout.zarr"
+EMOJI_HELDOUT, EMOJI_TRAIN = "emoji-heldout", "emoji-train"
+
+
+def read_results(out: Path) -> dict:
+    path = out / EVAL_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"models": {}}
+
+
+def save_results(out: Path, results: dict) -> None:
+    tmp = out / f".{EVAL_FILE}.tmp"
+    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    tmp.replace(out / EVAL_FILE)
+
+
+def evaluate_run(config: PipelineConfig, log=print) -> dict:
+    out = Path(config.out)
+    results = read_results(out)
+    models = results["models"]
+    settings = config.evaluation
+    if settings.benchmarks:
+        for entry in config.cache.teachers:
+            spec = resolve_teacher(entry)
+            if f"teacher {spec.name}" not in models:
+                log(f"[evaluate] teacher {spec.name}")
+                models[f"teacher {spec.name}"] = {"dim": spec.dim, "benchmarks": teacher_benchmarks(spec)}
+                save_results(out, results)
+    heldout, pairs = held_out_data(config)
+    for name, folder in student_checkpoints(config):
+        if name in models:
+            continue
+        log(f"[evaluate] {name}")
+        if folder is None:
+            model, tokenizer = initial_student(config.train)
+        else:
+            model, tokenizer = JasperStudent.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        models[name] = {"heads": score_student(model, tokenizer, config, heldout, pairs)}
+        save_results(out, results)
+    return results
+
+
+def held_out_data(config: PipelineConfig):
+    """(texts, targets) of the held-out store and the held-out emoji pairs; None where a run has none."""
+    out = Path(config.out)
+    heldout = None
+    if config.evaluation.fidelity_texts and (out / HELDOUT_STORE).exists():
+        store = TargetStore.open(out / HELDOUT_STORE)
+        heldout = store.read_texts(0, store.n_rows), store.read_targets(0, store.n_rows).astype(np.float32)
+    pairs = load_pairs(out / EMOJI_HELDOUT) if (out / EMOJI_HELDOUT / "captions.json").is_file() else None
+    return heldout, pairs
+
+
+def student_checkpoints(config: PipelineConfig) -> list[tuple[str, Path | None]]:
+    """("student init", None), then ("stage N", its final folder) for each finished stage."""
+    found = [("student init", None)]
+    for stage in config.stages:
+        final = stage_dir(config.train, stage) / FINAL_DIR
+        if (final / "config.json").is_file():
+            found.append((f"stage {stage}", final))
+    return found
+
+
+def teacher_benchmarks(spec) -> dict[str, float]:
+    model = load_teacher(spec, device="cpu" if not torch.cuda.is_available() else None)
+    eos = getattr(model.tokenizer, "eos_token", None)
+    encode = lambda texts: model.encode(prepare_texts(spec, texts, eos), batch_size=64)  # noqa: E731
+    return text_benchmarks(encode)
+
+
+def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs) -> dict[str, dict]:
+    settings, max_length = config.evaluation, config.train.max_length
+    scores = {head: {"dim": layer.out_features} for head, layer in model.heads.items()}
+    if settings.benchmarks:
+        heads = StudentHeads(model, tokenizer, settings.batch_size, max_length)
+        for head in scores:
+            scores[head]["benchmarks"] = text_benchmarks(heads.encoder(head))
+    if heldout is not None:
+        texts, targets = heldout
+        vectors = student_vectors(model, tokenizer, texts, settings.batch_size, max_length)
+        for head, values in fidelity(vectors, targets).items():
+            scores[head]["fidelity"] = values
+    if pairs is not None:
+        image_size = config.train.image_size
+        folder = Path(config.out) / EMOJI_HELDOUT
+        for head, values in image_caption_retrieval(model, tokenizer, folder, pairs, image_size,
+                                                    settings.batch_size).items():
+            scores[head]["emoji"] = values
+    return scores

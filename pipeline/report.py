@@ -1,0 +1,128 @@
+"""report.md and its plots, from eval.json, the stages' log.jsonl and the phase times.
+
+    plots/losses.png          loss components per stage (log scale), one panel per stage
+    plots/quality_vs_dim.png  each head's scores vs its dimension, student init vs final student
+
+The tables put the paper's claim side by side: the teachers, the student's initialisation and
+the student after each stage, at every head dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+
+from distill.train import LOG_FILE, stage_dir  # noqa: E402
+from pipeline.evaluate_run import read_results  # noqa: E402
+
+BENCHMARKS = ("lee", "wordsim353", "simlex999", "wordnet R@1", "wordnet R@10", "wordnet MRR")
+COMPONENTS = ("loss", "cosine", "similarity", "relative_similarity")
+
+
+def write_report(config, phase_times: dict) -> Path:
+    out = Path(config.out)
+    (out / "plots").mkdir(exist_ok=True)
+    models = read_results(out)["models"]
+    plot_losses(config, out / "plots" / "losses.png")
+    plot_quality(models, out / "plots" / "quality_vs_dim.png")
+    teachers = [name for name in models if name.startswith("teacher ")]
+    students = [name for name in models if not name.startswith("teacher ")]
+    lines = [
+        f"# Jasper distillation report: {config.name}",
+        "",
+        f"Teachers: {', '.join(n.removeprefix('teacher ') for n in teachers) or 'not evaluated'}; "
+        f"student heads: {config.train.student.head_dims}; stages run: {config.stages}.",
+        "",
+        "## Phases (this launch)",
+        "",
+        "| phase | wall time |",
+        "| --- | --- |",
+        *[f"| {name} | {seconds if isinstance(seconds, str) else f'{seconds:.1f} s'} |"
+          for name, seconds in phase_times.items()],
+        "",
+    ]
+    if any("benchmarks" in models[t] for t in teachers) or benchmark_rows(models, students):
+        lines += ["## Text benchmarks (Spearman; WordNet retrieval on 1,000 held-out synsets)", "",
+                  "| model | dim | " + " | ".join(BENCHMARKS) + " |", "| --- " * (len(BENCHMARKS) + 2) + "|"]
+        lines += [row(name, models[name]["dim"], models[name]["benchmarks"], BENCHMARKS) for name in teachers
+                  if "benchmarks" in models[name]]
+        lines += benchmark_rows(models, students)
+        lines.append("")
+    fidelity = [(name, head, scores["fidelity"]) for name in students
+                for head, scores in models[name]["heads"].items() if "fidelity" in scores]
+    if fidelity:
+        lines += ["## Fidelity to the teachers on held-out texts", "",
+                  "FC1 cosine: mean cosine of FC1 with the concatenated target; similarity Spearman: "
+                  "rank correlation of the head's pairwise similarities with the targets'.", "",
+                  "| model | head | dim | FC1 cosine | similarity Spearman |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {head} | {models[name]['heads'][head]['dim']} | "
+                  f"{values['cosine']:.4f} | {values['similarity spearman']:.4f} |" if "cosine" in values else
+                  f"| {name} | {head} | {models[name]['heads'][head]['dim']} | | {values['similarity spearman']:.4f} |"
+                  for name, head, values in fidelity]
+        lines.append("")
+    emoji = [(name, head, scores["emoji"]) for name in students
+             for head, scores in models[name]["heads"].items() if "emoji" in scores]
+    if emoji:
+        lines += ["## Emoji image -> caption retrieval (held-out pairs)", "",
+                  "Stages 1-3 leave the vision tower untouched; stage 4 trains it.", "",
+                  "| model | head | R@1 | R@10 | MRR |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {head} | {v['R@1']:.4f} | {v['R@10']:.4f} | {v['MRR']:.4f} |" for name, head, v in emoji]
+        lines.append("")
+    lines += ["## Plots", "", "![losses](plots/losses.png)", "", "![quality vs dimension](plots/quality_vs_dim.png)", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return out / "report.md"
+
+
+def row(name: str, dim: int, scores: dict, keys) -> str:
+    return f"| {name} | {dim} | " + " | ".join(f"{scores[k]:.4f}" for k in keys) + " |"
+
+
+def benchmark_rows(models: dict, students: list[str]) -> list[str]:
+    return [row(f"{name} {head}", scores["dim"], scores["benchmarks"], BENCHMARKS)
+            for name in students for head, scores in models[name]["heads"].items() if "benchmarks" in scores]
+
+
+def plot_losses(config, path: Path) -> None:
+    logs = {stage: stage_dir(config.train, stage) / LOG_FILE for stage in config.stages}
+    logs = {stage: [json.loads(line) for line in log.open()] for stage, log in logs.items() if log.is_file()}
+    figure, axes = plt.subplots(1, max(len(logs), 1), figsize=(4 * max(len(logs), 1), 3.2), squeeze=False)
+    for axis, (stage, records) in zip(axes[0], logs.items()):
+        steps = [r["step"] for r in records]
+        for component in COMPONENTS:
+            if component in records[0]:
+                axis.plot(steps, [max(r[component], 1e-8) for r in records], label=component)
+        axis.set_yscale("log")
+        axis.set_title(f"stage {stage}")
+        axis.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_quality(models: dict, path: Path) -> None:
+    """Scores vs head dimension for the init and the last student; teachers as horizontal lines."""
+    students = [name for name in models if not name.startswith("teacher ")]
+    shown = [students[0], students[-1]] if len(students) > 1 else students
+    metrics = [("benchmarks", "wordnet MRR"), ("benchmarks", "lee"), ("fidelity", "similarity spearman")]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(12, 3.2))
+    for axis, (group, metric) in zip(axes, metrics):
+        for name in shown:
+            heads = [scores for scores in models[name]["heads"].values() if metric in scores.get(group, {})]
+            if heads:
+                axis.plot([h["dim"] for h in heads], [h[group][metric] for h in heads], marker="o", label=name)
+        teachers = [(name, t) for name, t in models.items() if name.startswith("teacher ") and metric in t.get(group, {})]
+        for (name, teacher), style in zip(teachers, ("--", ":", "-.")):
+            axis.axhline(teacher[group][metric], linestyle=style, linewidth=1, label=name, color="grey")
+        axis.set_xscale("log", base=2)
+        axis.set_title(metric)
+        axis.set_xlabel("head dimension")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

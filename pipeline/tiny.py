@@ -1,0 +1,67 @@
+"""Tiny random models for the `tiny` preset and the tests: two teachers and a student encoder.
+
+Everything is built locally from configs in well under a second: character-level tokenizers (so
+every distinct text gets distinct tokens), BERT teachers saved as sentence-transformers folders
+(Transformer -> mean Pooling [-> Dense] -> Normalize) and a 4-layer Qwen2 student encoder.
+"""
+
+import string
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+
+HIDDEN = 32
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per ASCII letter, digit or punctuation mark; anything else is [UNK]."""
+    symbols = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]", *symbols])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=512,
+    )
+
+
+def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers: int = 2) -> Path:
+    """A BERT teacher: Transformer -> mean Pooling [-> Dense out_dim] -> Normalize, in folder/model."""
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer()
+    encoder_dir = folder / "encoder"
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=512)).save_pretrained(encoder_dir)
+    tokenizer.save_pretrained(encoder_dir)
+    modules = [Transformer(str(encoder_dir), max_seq_length=512), Pooling(HIDDEN, "mean")]
+    if out_dim is not None:
+        modules.append(Dense(HIDDEN, out_dim, activation_function=torch.nn.Identity()))
+    modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder / "model"))
+    return folder / "model"
+
+
+def save_student_encoder(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Qwen2 encoder and, in a folder of its own, its tokenizer: a tokenizer.json beside a
+    qwen2 config.json would reload as Qwen2Tokenizer, whose pre-tokenizer differs."""
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer()
+    Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512)).save_pretrained(folder / "encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder / "encoder", folder / "tokenizer"
+
+
+def make_tiny_models(folder: Path) -> None:
+    """teacher-a (64-d), teacher-b (32-d), student/encoder + student/tokenizer under `folder`."""
+    if (folder / "complete").is_file():
+        return
+    save_teacher(folder / "teacher-a", seed=0, out_dim=64)
+    save_teacher(folder / "teacher-b", seed=1)
+    save_student_encoder(folder / "student", seed=2)
+    (folder / "complete").write_text("tiny models built\n")
