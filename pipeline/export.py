@@ -71,5 +71,22 @@ def export_final(config) -> list[Path]:
     dims = config.export_dims or [head.out_features for head in model.heads.values()]
     written = [export_sentence_transformers(model, tokenizer, dim, export_folder(config.out, dim),
                                             config.train.max_length) for dim in dims]
-    (Path(config.out) / "export" / "SOURCE").write_text(f"{name}: {folder}\n", encoding="utf-8")
+    _source_record(config).write_text(_source(folder), encoding="utf-8")
     return written
+
+
+def exports_current(config) -> bool:
+    """True when the exports were written from the current last stage's final model."""
+    record = _source_record(config)
+    _, folder = student_checkpoints(config)[-1]
+    return folder is not None and record.is_file() and record.read_text(encoding="utf-8") == _source(folder)
+
+
+def _source_record(config) -> Path:
+    return Path(config.out) / "export" / "SOURCE"
+
+
+def _source(folder: Path) -> str:
+    """Which final model, and which save of it (its weights' size and mtime)."""
+    weights = next(Path(folder).glob("*.safetensors"))
+    return f"{folder} {weights.stat().st_size} {weights.stat().st_mtime_ns}\n"

@@ -42,7 +42,7 @@ from embed_cache.store import TargetStore, open_zarr_store, store_exists
 from embed_cache.teachers import resolve_teacher
 from pipeline.config import TINY_MODELS, PipelineConfig
 from pipeline.evaluate_run import EMOJI_HELDOUT, EMOJI_TRAIN, HELDOUT_STORE, evaluate_run
-from pipeline.export import export_final
+from pipeline.export import export_final, exports_current
 from pipeline.report import write_report
 from pipeline.tiny import make_tiny_models
 
@@ -94,7 +94,7 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> 
         final = stage_dir(config.train, stage) / FINAL_DIR
         phases.run(f"stage {stage}", lambda s=stage: run_stage(config, s), lambda f=final: (f / "config.json").is_file())
     phases.run("evaluate", lambda: evaluate_run(config, log), lambda: False)
-    phases.run("export", lambda: export_final(config), lambda: False)
+    phases.run("export", lambda: export_final(config), lambda: exports_current(config))
     phases.run("report", lambda: write_report(config, phases.times), lambda: False)
     log(f"[pipeline] finished in {time.perf_counter() - started:.1f} s: report in {out / 'report.md'}")
     return out

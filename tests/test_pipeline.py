@@ -1,0 +1,180 @@
+"""jasper-pipeline end to end: the tiny preset writes every artifact and a rerun skips every finished
+phase; the demo preset runs on a small slice with the real models; config layering and the CLI."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from accelerate.state import AcceleratorState
+from sentence_transformers import SentenceTransformer
+from transformers import AutoTokenizer
+
+from distill.model import JasperStudent
+from embed_cache.errors import CacheError
+from embed_cache.store import TargetStore
+from embed_cache.verify import verify_store
+from pipeline.config import DATA, load_pipeline_config
+from pipeline.evaluate import student_vectors
+from pipeline.run import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENTS = ["student init", "stage 1", "stage 2", "stage 3", "stage 4"]
+TEXTS = ["a small red dog", "Distillation keeps the teacher's geometry.", "x"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    config = load_pipeline_config("tiny", out=str(out))
+    lines = []
+    run_pipeline(config, log=lines.append)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return config, out, lines
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_the_tiny_preset_writes_every_artifact(tiny_run):
+    config, out, lines = tiny_run
+    for name in ("cache.zarr", "heldout.zarr"):
+        store = TargetStore.open(out / name)
+        assert store.complete_shards() == list(range(store.n_shards))
+        assert verify_store(store, progress=False).problems == []
+    for stage in (1, 2, 3, 4):
+        stage_dir = out / "train" / f"stage{stage}"
+        assert (stage_dir / "final" / "model.safetensors").is_file()
+        assert len((stage_dir / "log.jsonl").read_text().splitlines()) == 4
+    assert any(line.startswith("[pipeline] stage 4: done in") for line in lines)
+
+    models = json.loads((out / "eval.json").read_text())["models"]
+    assert list(models) == ["teacher tiny-a", "teacher tiny-b", *STUDENTS]
+    for name in STUDENTS:
+        heads = models[name]["heads"]
+        assert [heads[h]["dim"] for h in heads] == [96, 32, 16, 8]
+        assert all({"benchmarks", "fidelity", "emoji"} <= set(scores) for scores in heads.values())
+    # stage 1 trains FC1 alone on the targets: FC1 moves towards them, the other heads do not move
+    assert models["stage 1"]["heads"]["fc1"]["fidelity"]["cosine"] > models["student init"]["heads"]["fc1"]["fidelity"]["cosine"]
+    assert models["stage 1"]["heads"]["fc2"] == models["student init"]["heads"]["fc2"]
+    # stage 4 trains the vision tower only: every text score stays; only image retrieval may change
+    for head in ("fc1", "fc4"):
+        after, before = models["stage 4"]["heads"][head], models["stage 3"]["heads"][head]
+        assert after["benchmarks"] == before["benchmarks"] and after["fidelity"] == before["fidelity"]
+
+    student = JasperStudent.from_pretrained(out / "train" / "stage4" / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "train" / "stage4" / "final")
+    expected = student_vectors(student, tokenizer, TEXTS, max_length=config.train.max_length)
+    for head, dim in (("fc1", 96), ("fc4", 8)):
+        exported = SentenceTransformer(str(out / "export" / f"dim-{dim}"), device="cpu")
+        unit = expected[head] / np.linalg.norm(expected[head], axis=1, keepdims=True)
+        np.testing.assert_allclose(exported.encode(TEXTS), unit, atol=1e-5)
+
+    report = (out / "report.md").read_text()
+    for section in ("## Phases", "## Text benchmarks", "## Fidelity", "## Emoji", "plots/losses.png"):
+        assert section in report
+    assert "| stage 4 | fc1 | 96 |" in report
+    for plot in ("losses.png", "quality_vs_dim.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["student"]["head_dims"] == [96, 32, 16, 8]
+
+
+def test_a_rerun_skips_finished_phases_and_a_lost_final_model_is_resumed(tiny_run):
+    config, out, _ = tiny_run
+    scores = (out / "eval.json").read_text()
+    lines = []
+    run_pipeline(config, log=lines.append)
+    for phase in ("tiny models", "prepare", "build tiny-a", "build tiny-b", "held-out targets",
+                  "stage 1", "stage 2", "stage 3", "stage 4", "export"):
+        assert f"[pipeline] {phase}: already complete, skipped" in lines
+    assert (out / "eval.json").read_text() == scores  # every model already scored
+
+    # stage 4 interrupted after its last checkpoint, before its final model was saved
+    final = out / "train" / "stage4" / "final"
+    weights = (final / "model.safetensors").read_bytes()
+    for item in final.iterdir():
+        item.unlink()
+    final.rmdir()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    lines = []
+    run_pipeline(config, log=lines.append)
+    assert "[pipeline] stage 4: done in" in " ".join(lines)
+    assert (final / "model.safetensors").read_bytes() == weights
+
+
+def test_config_layers_preset_file_overrides_and_flags(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text(yaml.safe_dump({"cache": {"total": 100}, "train": {"stage1": {"steps": 7}}}))
+    config = load_pipeline_config("tiny", user, ["train.stage2.steps=9", "evaluation.emoji_heldout=10"],
+                                  out=str(tmp_path / "o"))
+    assert config.cache.total == 100 and config.train.stage1.steps == 7 and config.train.stage2.steps == 9
+    assert config.train.stage1.batch_size == 16  # the preset's value survives the file's partial mapping
+    assert config.cache.out == str(tmp_path / "o" / "cache.zarr") == config.train.store
+    assert config.train.run_dir == str(tmp_path / "o" / "train")
+    assert config.cache.sources[0].path == str(DATA / "corpus" / "wordnet_glosses.jsonl.gz")
+    assert config.train.student.text_encoder == str((tmp_path / "o").resolve() / "tiny-models" / "student" / "encoder")
+
+    user.write_text(yaml.safe_dump({"trian": {}}))
+    with pytest.raises(CacheError, match="unknown key .*trian. Did you mean 'train'"):
+        load_pipeline_config("tiny", user)
+    with pytest.raises(CacheError, match="unknown preset 'huge': choose one of demo, paper, tiny"):
+        load_pipeline_config("huge")
+    with pytest.raises(CacheError, match="stages="):
+        load_pipeline_config("tiny", overrides=["stages=[3, 1]"])
+    demo = load_pipeline_config()  # the embedded default
+    assert demo.name == "demo" and demo.cache.teachers == ["mpnet", "minilm"]
+    assert demo.train.student.head_dims == [1152, 512, 256, 128]
+
+
+def test_cli_show_config_export_and_errors(tiny_run, tmp_path):
+    _, out, _ = tiny_run
+    shown = cli("show-config", "--preset", "tiny", "--set", "train.stage1.steps=3", "--out", tmp_path / "x")
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["train"]["stage1"]["steps"] == 3
+
+    folder = tmp_path / "exported"
+    done = cli("export", out / "train" / "stage3" / "final", "--dim", 32, "--out", folder)
+    assert done.returncode == 0, done.stderr
+    assert SentenceTransformer(str(folder), device="cpu").encode(TEXTS).shape == (3, 32)
+    wrong = cli("export", out / "train" / "stage3" / "final", "--dim", 5, "--out", tmp_path / "no")
+    assert wrong.returncode == 2 and "no 5-d head" in wrong.stderr and "Traceback" not in wrong.stderr
+    missing = cli("eval", tmp_path / "nothing", "--preset", "tiny", "--out", out)
+    assert missing.returncode == 2 and "holds no saved student" in missing.stderr
+
+    scored = cli("eval", out / "train" / "stage1" / "final", "--preset", "tiny", "--out", out,
+                 "--set", "evaluation.benchmarks=false")
+    assert scored.returncode == 0, scored.stderr
+    expected = json.loads((out / "eval.json").read_text())["models"]["stage 1"]["heads"]["fc1"]["fidelity"]
+    assert json.loads(scored.stdout)["fc1"]["fidelity"] == pytest.approx(expected)
+
+
+def test_the_demo_preset_on_a_small_slice(tmp_path):
+    """The real teachers and student (provisioned from PyPI) through every phase, on 192 texts."""
+    with gzip.open(DATA / "eval" / "wordnet_heldout.jsonl.gz", "rt", encoding="utf-8") as handle:
+        held_out = [line for _, line in zip(range(64), handle)]
+    (tmp_path / "heldout.jsonl").write_text("".join(held_out), encoding="utf-8")
+    overrides = ["cache.total=192", "cache.shard_rows=64", "train.num_workers=0", "evaluation.benchmarks=false",
+                 f"evaluation.fidelity_texts={tmp_path / 'heldout.jsonl'}", "evaluation.emoji_heldout=32"]
+    for stage in (1, 2, 3, 4):
+        overrides += [f"train.stage{stage}.steps=2", f"train.stage{stage}.batch_size=16"]
+    out = tmp_path / "demo"
+    run_pipeline(load_pipeline_config("demo", overrides=overrides, out=str(out)), log=lambda *_: None)
+
+    assert TargetStore.open(out / "cache.zarr").dim == 1152
+    models = json.loads((out / "eval.json").read_text())["models"]
+    assert list(models) == STUDENTS
+    fc1 = [models[name]["heads"]["fc1"]["fidelity"]["cosine"] for name in STUDENTS]
+    assert fc1[1] > fc1[0], fc1  # two steps on FC1 already move it towards the targets
+    assert sorted(p.name for p in (out / "export").glob("dim-*")) == ["dim-1152", "dim-128", "dim-256", "dim-512"]
