@@ -54,7 +54,25 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
             prompts=PROMPTS, device="cpu",
         )
         exported.save(str(out))
+    check_tokenizer_round_trip(tokenizer, out)
     return out
+
+
+PROBES = ["A plain sentence, with punctuation!", "naïve café: 42 µm", "  spaced   out  "]
+
+
+def check_tokenizer_round_trip(tokenizer, folder: Path) -> None:
+    """The folder's tokenizer, as SentenceTransformer reloads it, must give the student's token ids:
+    transformers reloads a tokenizer.json beside some configs (qwen2) as that model's own class."""
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    for text in PROBES:
+        if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
+            raise CacheError(
+                f"the exported folder {folder} reloads its tokenizer as {type(reloaded).__name__}, which tokenizes "
+                f"{text!r} differently from the student's {type(tokenizer).__name__}, so SentenceTransformer({folder}) "
+                "would not reproduce the student's vectors. Train the student with a tokenizer of its encoder's "
+                "own type (the encoder folder's tokenizer), or load the export with that tokenizer yourself."
+            )
 
 
 def export_folder(out: str | Path, dim: int) -> Path:

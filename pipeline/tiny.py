@@ -1,28 +1,35 @@
 """Tiny random models for the `tiny` preset and the tests: two teachers and a student encoder.
 
-Everything is built locally from configs in well under a second: character-level tokenizers (so
-every distinct text gets distinct tokens), BERT teachers saved as sentence-transformers folders
+Everything is built locally from configs in well under a second: byte-level tokenizers (so every
+distinct text gets distinct tokens), BERT teachers saved as sentence-transformers folders
 (Transformer -> mean Pooling [-> Dense] -> Normalize) and a 4-layer Qwen2 student encoder.
 """
 
-import string
 from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
 HIDDEN = 32
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per ASCII letter, digit or punctuation mark; anything else is [UNK]."""
-    symbols = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]", *symbols])}
+    """One token per UTF-8 byte, spelled as byte-level tokenizers spell bytes (space = "Ġ").
+
+    Every distinct text gets a distinct token sequence, and a tokenizer.json saved beside a qwen2
+    config (which transformers reloads as Qwen2Tokenizer, a byte-level BPE) gives the same ids.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]", *alphabet])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.Split(pattern="", behavior="isolated"),
+    ])
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", model_max_length=512,
     )
