@@ -8,6 +8,7 @@ query prompts are in its config (`encode(texts, prompt_name="s2p_query")`); docu
 The full student, vision tower included, stays loadable with `JasperStudent.from_pretrained`.
 """
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,9 +37,17 @@ def head_for_dim(model: JasperStudent, dim: int) -> str:
 
 def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out: str | Path,
                                  max_length: int = 512) -> Path:
-    """Write the `dim`-d head of `model` as a sentence-transformers folder at `out`."""
+    """Write the `dim`-d head of `model` as a sentence-transformers folder at `out`.
+
+    The folder is written beside `out` and renamed into place once checked, so a failed export
+    leaves nothing half-written; an earlier export at `out` is replaced, anything else refused.
+    """
     head = model.heads[head_for_dim(model, dim)]
     out = Path(out)
+    if out.exists() and not (out / "modules.json").is_file():
+        raise CacheError(f"{out} exists and is not a sentence-transformers folder: choose another --out, or remove it.")
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         model.text_encoder.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -53,23 +62,29 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
             modules=[transformer, Pooling(hidden, "mean", include_prompt=True), dense, Normalize()],
             prompts=PROMPTS, device="cpu",
         )
-        exported.save(str(out))
-    check_tokenizer_round_trip(tokenizer, out)
+        exported.save(str(staging))
+    try:
+        check_tokenizer_round_trip(tokenizer, staging, out)
+    except CacheError:
+        shutil.rmtree(staging)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     return out
 
 
 PROBES = ["A plain sentence, with punctuation!", "naïve café: 42 µm", "  spaced   out  "]
 
 
-def check_tokenizer_round_trip(tokenizer, folder: Path) -> None:
+def check_tokenizer_round_trip(tokenizer, folder: Path, shown_as: Path) -> None:
     """The folder's tokenizer, as SentenceTransformer reloads it, must give the student's token ids:
     transformers reloads a tokenizer.json beside some configs (qwen2) as that model's own class."""
     reloaded = AutoTokenizer.from_pretrained(folder)
     for text in PROBES:
         if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
             raise CacheError(
-                f"the exported folder {folder} reloads its tokenizer as {type(reloaded).__name__}, which tokenizes "
-                f"{text!r} differently from the student's {type(tokenizer).__name__}, so SentenceTransformer({folder}) "
+                f"the export {shown_as} would reload its tokenizer as {type(reloaded).__name__}, which tokenizes "
+                f"{text!r} differently from the student's {type(tokenizer).__name__}, so SentenceTransformer({shown_as}) "
                 "would not reproduce the student's vectors. Train the student with a tokenizer of its encoder's "
                 "own type (the encoder folder's tokenizer), or load the export with that tokenizer yourself."
             )

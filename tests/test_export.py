@@ -2,9 +2,13 @@ import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
-from tiny_models import TINY_HEAD_DIMS, tiny_student
+from tiny_models import TINY_HEAD_DIMS, tiny_student, tiny_vision_config
+from transformers import AutoTokenizer
 
+from distill.model import build_student
+from embed_cache.errors import CacheError
 from pipeline.export import PROMPTS, export_sentence_transformers
+from pipeline.tiny import save_student_encoder
 
 TEXTS = ["the cat sat on the mat", "a dog ran far away", "red photo", "big blue dog sat"]
 
@@ -33,14 +37,26 @@ def test_exported_folder_loads_plainly_and_matches_the_student(tmp_path):
     np.testing.assert_allclose(prompted, expected, atol=1e-5)
 
 
-def test_exported_qwen2_student_gives_the_same_vectors_for_the_same_tokens(tmp_path):
-    # Any tokenizer.json beside a qwen2 config reloads as Qwen2Tokenizer: right for Stella's real
-    # tokenizer, wrong for the tiny word-level one, so feed both models the same token ids.
-    model, tokenizer, loaded = export_and_load(tmp_path, "qwen2")
-    features = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
-    with torch.no_grad():
-        exported = loaded(features)["sentence_embedding"].numpy()
-    np.testing.assert_allclose(exported, student_vectors(model, tokenizer, TEXTS, "fc2"), atol=1e-5)
+def test_a_qwen2_student_exports_when_its_tokenizer_survives_the_reload(tmp_path):
+    # a tokenizer.json beside a qwen2 config reloads as Qwen2Tokenizer (byte-level), as Stella's
+    # real tokenizer is; the tiny byte-level tokenizer reloads to the same ids
+    encoder, tokenizer_dir = save_student_encoder(tmp_path / "student")
+    model, tokenizer = build_student(encoder, tiny_vision_config(), head_dims=TINY_HEAD_DIMS, num_img_tokens=5,
+                                     tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
+    out = export_sentence_transformers(model, tokenizer, dim=TINY_HEAD_DIMS[1], out=tmp_path / "export")
+    loaded = SentenceTransformer(str(out), device="cpu")
+    texts = [*TEXTS, "naïve café, 日本語 😀"]
+    np.testing.assert_allclose(loaded.encode(texts), student_vectors(model, tokenizer, texts, "fc2"), atol=1e-5)
+
+
+def test_a_student_whose_tokenizer_would_reload_differently_is_refused_and_nothing_is_written(tmp_path):
+    model, tokenizer = tiny_student("qwen2", tmp_path)  # a word-level tokenizer on a qwen2 encoder
+    with pytest.raises(CacheError, match="would reload its tokenizer as Qwen2Tokenizer, which tokenizes"):
+        export_sentence_transformers(model, tokenizer, dim=TINY_HEAD_DIMS[1], out=tmp_path / "export")
+    assert not any(p.name.startswith((".export", "export")) for p in tmp_path.iterdir())
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CacheError, match="notes exists and is not a sentence-transformers folder"):
+        export_sentence_transformers(model, tokenizer, dim=TINY_HEAD_DIMS[1], out=tmp_path / "notes")
 
 
 def test_unknown_dim_names_the_available_heads(tmp_path):
