@@ -41,9 +41,14 @@ def lee_spearman(encode: TextEncoder, folder: Path = DATA / "eval" / "lee") -> f
     return float(spearmanr(cosine, ratings[rows, cols]).statistic)
 
 
+def read_word_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(word, word, human score) rows of a WordSim-353 / SimLex-999 file."""
+    return [tuple(line.split("\t")) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 def word_pair_spearman(encode: TextEncoder, path: Path) -> float:
-    pairs = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and not line.startswith("#")]
+    pairs = read_word_pairs(path)
     words = sorted({w for first, second, _ in pairs for w in (first, second)})
     vectors = dict(zip(words, _unit(encode(words))))
     cosine = [float(vectors[first] @ vectors[second]) for first, second, _ in pairs]
