@@ -11,7 +11,7 @@ from rich.table import Table
 from distill import checkpoint
 from distill.config import load_config
 from distill.train import FINAL_DIR, LOG_FILE, run
-from embed_cache.errors import CacheError
+from embed_cache.errors import CacheError, run_cli
 
 app = typer.Typer(
     help="Phase 2 of Jasper distillation: train the student stage by stage from the target store.",
@@ -22,12 +22,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def main() -> None:
-    """Console entry point: user errors print as one message, not a traceback."""
-    try:
-        app()
-    except CacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    run_cli(app)
 
 
 @app.command("run")

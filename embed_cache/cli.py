@@ -13,7 +13,7 @@ from rich.table import Table
 from .build import build
 from .config import from_mapping, load_yaml
 from .corpus import PrepareConfig, prepare
-from .errors import CacheError
+from .errors import run_cli
 from .hashing import text_key
 from .store import TargetStore
 from .teachers import resolve_teacher
@@ -29,12 +29,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def main() -> None:
-    """Console entry point: user errors print as one message, not a traceback."""
-    try:
-        app()
-    except CacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    run_cli(app)
 
 
 @app.command("prepare")

@@ -1,14 +1,12 @@
 """`jasper-pipeline`: the whole distillation in one command, its config, evaluation and export."""
 
 import json
-import sys
 from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 
-from embed_cache.errors import CacheError
+from embed_cache.errors import CacheError, run_cli
 from pipeline.config import load_pipeline_config, preset_names
 
 app = typer.Typer(
@@ -24,12 +22,7 @@ OUT = typer.Option(None, "--out", "-o", help="Output folder (default: the preset
 
 
 def main() -> None:
-    """Console entry point: user errors print as one message, not a traceback."""
-    try:
-        app()
-    except CacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    run_cli(app)
 
 
 @app.command("run")
