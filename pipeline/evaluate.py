@@ -81,17 +81,15 @@ def image_caption_retrieval(model, tokenizer, folder: Path, pairs, image_size: i
     image_size = image_size or model.config.vision_config.image_size
     was_training = model.training
     model.eval()
-    images, captions = [], []
+    images = []
     for first in range(0, len(pairs), batch_size):
         batch = pairs[first:first + batch_size]
         pixels = torch.stack([load_image(Path(folder) / pair.file, image_size) for pair in batch])
         placeholders = image_inputs(tokenizer, model.config, [""] * len(batch))
         images.append(model.encode_image(pixels, placeholders["input_ids"], placeholders["attention_mask"]))
-        texts = tokenizer([pair.caption for pair in batch], padding=True, truncation=True, return_tensors="pt")
-        captions.append(model.encode_text(texts["input_ids"], texts["attention_mask"]))
     model.train(was_training)
-    return {head: retrieval_metrics(torch.cat([b[head] for b in images]).float().numpy(),
-                                    torch.cat([b[head] for b in captions]).float().numpy())
+    captions = student_vectors(model, tokenizer, [pair.caption for pair in pairs], batch_size)
+    return {head: retrieval_metrics(torch.cat([b[head] for b in images]).float().numpy(), captions[head])
             for head in images[0]}
 
 

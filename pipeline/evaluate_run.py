@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoTokenizer
 
 from distill.images import load_pairs
@@ -95,7 +94,7 @@ def student_checkpoints(config: PipelineConfig) -> list[tuple[str, Path | None]]
 
 
 def teacher_benchmarks(spec) -> dict[str, float]:
-    model = load_teacher(spec, device="cpu" if not torch.cuda.is_available() else None)
+    model = load_teacher(spec)  # sentence-transformers picks the GPU when there is one
     eos = getattr(model.tokenizer, "eos_token", None)
     encode = lambda texts: model.encode(prepare_texts(spec, texts, eos), batch_size=64)  # noqa: E731
     return text_benchmarks(encode)
