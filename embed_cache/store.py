@@ -31,6 +31,7 @@ import zarr.storage
 
 from .errors import CacheError
 from .hashing import HASH_ALGORITHM, text_key
+from .shards import ShardFiles
 from .teachers import TeacherSpec
 
 FORMAT_VERSION = 1
@@ -288,12 +289,12 @@ class TargetStore:
                 f"got {vectors.shape}. Check the teacher's output dim."
             )
         block = np.ascontiguousarray(vectors, dtype=np.float16)
-        # zarr merges a shard write into the existing object, reading it first; an object torn by
-        # a killed writer (or found corrupt by verify) would fail that read, so start clean. The
-        # objects are this teacher's alone and the shard is not marked done, so nothing is lost.
-        for key in self._shard_object_keys(teacher, shard):
-            zarr.core.sync.sync(self.group.store.delete(key))
-        self.group["targets"][start:stop, columns.start:columns.stop] = block
+        # Each object is replaced whole, never merged: one torn by a killed writer (or found
+        # corrupt by verify) is simply overwritten. The objects are this teacher's alone.
+        width = self._shards.width
+        for number in range(columns.start // width, columns.stop // width):
+            offset = number * width - columns.start
+            self._shards.write(shard, number, block[:, offset:offset + width])
         return block_digest(block)
 
     def mark_done(self, teacher: str, shard: int, digest: int) -> None:
@@ -307,8 +308,12 @@ class TargetStore:
 
     def _shard_object_keys(self, teacher: str, shard: int) -> list[str]:
         columns = self.columns(teacher)
-        width = self.group.attrs["column_block"]
-        return [f"targets/c/{shard}/{block}" for block in range(columns.start // width, columns.stop // width)]
+        width = self._shards.width
+        return [self._shards.key(shard, block) for block in range(columns.start // width, columns.stop // width)]
+
+    @cached_property
+    def _shards(self) -> ShardFiles:
+        return ShardFiles(self.group["targets"])
 
     def missing_objects(self, teacher: str, shard: int) -> list[str]:
         """Keys of this teacher's shard objects that are absent from the store."""
@@ -347,10 +352,12 @@ class TargetStore:
         return self.group["text"][start:stop].tolist()
 
     def read_targets(self, start: int, stop: int, teacher: str | None = None) -> np.ndarray:
-        if teacher is None:
-            return self.group["targets"][start:stop]
-        columns = self.columns(teacher)
-        return self.group["targets"][start:stop, columns.start:columns.stop]
+        """(stop - start, columns) float16 targets of rows [start, stop); NaN where never built."""
+        first, last = (0, self.dim) if teacher is None else (self.columns(teacher).start, self.columns(teacher).stop)
+        start, stop = max(0, start), min(stop, self.n_rows)
+        out = np.empty((max(0, stop - start), last - first), dtype=np.float16)
+        self._shards.read(start, stop, range(first // self._shards.width, last // self._shards.width), out)
+        return out
 
     def read_block(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
         """Texts and (stop - start, D) float16 targets of a contiguous run of rows, for training.
@@ -407,7 +414,7 @@ class TargetStore:
 
 def block_digest(block: np.ndarray) -> int:
     """xxh3-64 of the little-endian fp16 bytes; recorded at mark_done and re-checked by verify."""
-    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(block, dtype="<f2").tobytes())
+    return xxhash.xxh3_64_intdigest(memoryview(np.ascontiguousarray(block, dtype="<f2")).cast("B"))
 
 
 def check_can_write_new_store(url, overwrite: bool, storage_options: dict | None = None) -> None:
