@@ -1,8 +1,8 @@
-"""L_resim: time and peak memory of the exact blocked form vs the naive P x P form (DESIGN §8).
+"""L_resim: time and peak memory of `relative_similarity_loss` vs the naive P x P form (DESIGN §8).
 
 Each measurement runs in a fresh process, so its peak resident memory is its own. Inputs are a
-1024-d student (FC2's size) and a 12288-d teacher (the paper's target), identical for both forms;
-the table also shows how far apart their loss values are.
+1024-d student (FC2's size) and a 12288-d teacher (the paper's target), identical for both forms.
+Ours picks the dense form itself below 1,024 pairs (B <= 45), where it is the faster one.
 
     python -m benchmarks.resim [--batches 32 128 512] [--repeats 3] [--naive-limit-gb 8]
 """
@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.table import Row, markdown
 from distill.losses import RESIM_MARGIN, relative_similarity_loss
 
 STUDENT_DIM, TEACHER_DIM = 1024, 12288
@@ -41,10 +42,10 @@ def naive_relative_similarity_loss(
     return hinges.sum() / (num_pairs * (num_pairs - 1) / 2)
 
 
-FORMS = {"blocked": relative_similarity_loss, "naive": naive_relative_similarity_loss}
+FORMS = {"ours": relative_similarity_loss, "naive": naive_relative_similarity_loss}
 
 
-def measure(form: str, batch: int, repeats: int) -> dict:
+def measure_form(form: str, batch: int, repeats: int) -> dict:
     """Median forward+backward seconds, peak memory growth and the loss value, in this process."""
     loss_fn = FORMS[form]
 
@@ -79,8 +80,26 @@ def naive_estimate_bytes(batch: int) -> int:
     return num_pairs * num_pairs * NAIVE_BYTES_PER_PAIR_OF_PAIRS
 
 
-def mebibytes(size: float) -> str:
-    return f"{size / 2**20:,.1f}"
+def measure_all(batches: list[int], repeats: int, naive_limit_gb: float = 8.0) -> list[Row]:
+    """Time and memory rows per batch size: ours (`relative_similarity_loss`) vs the naive form."""
+    rows = []
+    for batch in batches:
+        ours = measure_in_subprocess("ours", batch, repeats)
+        naive = None
+        if naive_estimate_bytes(batch) <= naive_limit_gb * 1e9:
+            naive = measure_in_subprocess("naive", batch, repeats)
+        against = "naive P x P form" if naive else f"naive form: needs ~{naive_estimate_bytes(batch) / 1e9:,.0f} GB"
+        rows += [
+            Row(f"L_resim forward+backward time, B = {batch}", ours["seconds"], "s", against,
+                naive and naive["seconds"], ("≤", 1.0)),
+            Row(f"L_resim peak memory, B = {batch}", ours["peak_bytes"] / 2**20, "MiB", against,
+                naive and naive["peak_bytes"] / 2**20, ("≤", 0.1) if batch == 128 else None),
+        ]
+    return rows
+
+
+def measure(quick: bool = False) -> list[Row]:
+    return measure_all([32, 128] if quick else [32, 128, 512], repeats=1 if quick else 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,37 +114,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.measure:
         form, batch = args.measure
-        print(json.dumps(measure(form, int(batch), args.repeats)))
+        print(json.dumps(measure_form(form, int(batch), args.repeats)))
         return
-
-    print(
-        f"L_resim forward+backward, student {STUDENT_DIM}-d, teacher {TEACHER_DIM}-d, "
-        f"float32, {torch.get_num_threads()} threads, median of {args.repeats}"
-    )
-    print(
-        f"{'B':>5} {'P':>8} {'blocked s':>10} {'blocked MiB':>12} {'naive s':>9} {'naive MiB':>10} "
-        f"{'time ratio':>11} {'memory ratio':>13} {'|Δ loss|':>9}"
-    )
-    skipped = []
-    for batch in args.batches:
-        blocked = measure_in_subprocess("blocked", batch, args.repeats)
-        num_pairs = batch * (batch - 1) // 2
-        row = f"{batch:>5} {num_pairs:>8,} {blocked['seconds']:>10.3f} {mebibytes(blocked['peak_bytes']):>12}"
-        estimate = naive_estimate_bytes(batch)
-        if estimate > args.naive_limit_gb * 1e9:
-            skipped.append(f"B={batch}: the naive form needs ~{estimate / 1e9:,.0f} GB (> {args.naive_limit_gb:g} GB)")
-            print(f"{row} {'skipped':>9} {'':>10} {'':>11} {'':>13} {'':>9}")
-            continue
-        naive = measure_in_subprocess("naive", batch, args.repeats)
-        print(
-            f"{row} {naive['seconds']:>9.3f} {mebibytes(naive['peak_bytes']):>10} "
-            f"{naive['seconds'] / blocked['seconds']:>10.1f}x "
-            f"{naive['peak_bytes'] / max(blocked['peak_bytes'], 1):>12.1f}x "
-            f"{abs(naive['loss'] - blocked['loss']):>9.1e}"
-        )
-    for line in skipped:
-        print("skipped:", line)
-    print("ratios are naive / blocked; MiB is the growth of peak resident memory during the runs")
+    print(markdown(measure_all(args.batches, args.repeats, args.naive_limit_gb)))
+    print(f"\nstudent {STUDENT_DIM}-d, teacher {TEACHER_DIM}-d, float32, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; MiB is the growth of peak resident memory during the runs")
 
 
 if __name__ == "__main__":

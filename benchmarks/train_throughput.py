@@ -23,6 +23,7 @@ import numpy as np
 from accelerate.state import AcceleratorState
 
 from benchmarks.build_throughput import glosses
+from benchmarks.table import Row, markdown
 from distill.config import TrainConfig
 from distill.train import run
 from embed_cache.config import from_mapping
@@ -79,6 +80,19 @@ def samples_per_second(url: str, folder: Path, steps: int, batch: int, workers: 
     return records[-1]["samples_per_s"]
 
 
+def measure(rows: int = 4096, steps: int = 40, batch: int = 64, workers: int = 2, repeats: int = 2) -> list[Row]:
+    with tempfile.TemporaryDirectory() as tmp:
+        url = demo_store(Path(tmp), rows)
+        rates = {"store": [], "memory": []}
+        for repeat in range(repeats):
+            rates["store"].append(samples_per_second(url, Path(tmp) / f"store-{repeat}", steps, batch, workers))
+            with targets_in_memory(url):
+                rates["memory"].append(samples_per_second(url, Path(tmp) / f"memory-{repeat}", steps, batch, workers))
+    return [Row(f"training samples/s, stage 1, demo student, batch {batch}, {workers} workers, targets from the store",
+                statistics.median(rates["store"]), "samples/s", "the same run, targets in memory",
+                statistics.median(rates["memory"]), ("≥", 0.95))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -87,20 +101,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        url = demo_store(Path(tmp), args.rows)
-        rates = {"store": [], "memory": []}
-        for repeat in range(args.repeats):
-            rates["store"].append(samples_per_second(url, Path(tmp) / f"store-{repeat}", args.steps, args.batch,
-                                                     args.workers))
-            with targets_in_memory(url):
-                rates["memory"].append(samples_per_second(url, Path(tmp) / f"memory-{repeat}", args.steps,
-                                                          args.batch, args.workers))
-    store, memory = statistics.median(rates["store"]), statistics.median(rates["memory"])
-    print(f"| training samples/s, targets from the store | {store:.1f} |")
-    print(f"| training samples/s, targets in memory | {memory:.1f} |")
-    print(f"| ratio (target >= 0.95) | {store / memory:.3f} |")
-    print(f"runs: {json.dumps(rates)}")
+    print(markdown(measure(args.rows, args.steps, args.batch, args.workers, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -144,8 +144,9 @@ def test_docstring_examples_hold():
 # --- independent naive references ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["blocked", "dense"])
 @pytest.mark.parametrize("batch", [3, 4, 7])
-def test_losses_match_loop_references(batch):
+def test_losses_match_loop_references(batch, method):
     student, teacher = random_batch(batch, 5, 9, seed=batch)
     same_size_teacher = teacher[:, :5]
     expected_cosine = loop_cosine(student, same_size_teacher)
@@ -153,25 +154,27 @@ def test_losses_match_loop_references(batch):
     assert similarity_loss(student, teacher).item() == pytest.approx(loop_similarity(student, teacher), abs=1e-12)
     for margin in (0.015, 0.0, 0.5):
         expected = loop_relative_similarity(student, teacher, margin)
-        assert relative_similarity_loss(student, teacher, margin).item() == pytest.approx(expected, abs=1e-12)
+        assert relative_similarity_loss(student, teacher, margin, method).item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_relative_similarity_matches_loops_with_many_teacher_ties():
+@pytest.mark.parametrize("method", ["blocked", "dense"])
+def test_relative_similarity_matches_loops_with_many_teacher_ties(method):
     student, _ = random_batch(7, 4, 1, seed=3)
     # integer teacher vectors: many pairs share a similarity exactly
     teacher = torch.tensor(
         [[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.float64
     )
     expected = loop_relative_similarity(student, teacher, 0.015)
-    assert relative_similarity_loss(student, teacher).item() == pytest.approx(expected, abs=1e-12)
+    assert relative_similarity_loss(student, teacher, method=method).item() == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("method", ["blocked", "dense"])
 @pytest.mark.parametrize("batch", [8, 16])
-def test_gradients_match_the_dense_form(batch):
+def test_gradients_match_the_dense_form(batch, method):
     student, teacher = random_batch(batch, 6, 12, seed=batch)
     student.requires_grad_(True)
     teacher[:4] = teacher[0]  # identical teacher rows: ties inside the batch
-    (fast,) = torch.autograd.grad(relative_similarity_loss(student, teacher), student)
+    (fast,) = torch.autograd.grad(relative_similarity_loss(student, teacher, method=method), student)
     (dense,) = torch.autograd.grad(dense_relative_similarity(student, teacher, 0.015), student)
     torch.testing.assert_close(fast, dense, rtol=0, atol=1e-12)
 
@@ -253,3 +256,9 @@ def test_mismatched_batches_and_shapes_are_rejected():
         similarity_loss(torch.randn(4, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match=r"\[batch, dim\] matrix"):
         relative_similarity_loss(torch.randn(4, 2, 8), torch.randn(4, 8))
+
+
+def test_an_unknown_method_is_refused():
+    student, teacher = random_batch(4, 3, 3, seed=0)
+    with pytest.raises(ValueError, match="'auto', 'blocked' or 'dense'"):
+        relative_similarity_loss(student, teacher, method="fast")

@@ -1,0 +1,24 @@
+"""`python -m benchmarks --quick` completes and writes every DESIGN §8 row (a smoke test: no timing checks)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmarks_write_every_row(tmp_path):
+    subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["mode"] == "quick" and "cores" in results["machine"]
+    what = [row["what"] for row in results["rows"]]
+    for expected in ("phase 1 build", "padded-token efficiency", "store write, demo", "store write, paper",
+                     "block reads, cold, paper", "random single-row reads", "training samples/s",
+                     "L_resim forward+backward time, B = 128", "L_resim peak memory, B = 128",
+                     "tiny pipeline: stage 4", "tiny pipeline: total"):
+        assert any(expected in name for name in what), f"no row for {expected!r}"
+    assert all(math.isfinite(row["ours"]) and row["ours"] >= 0 for row in results["rows"])
+    assert (tmp_path / "results.md").read_text().startswith("| what | ours |")
