@@ -1,16 +1,24 @@
-"""Fault-injection soak: SIGKILL `jasper-cache build` at random points, resume, compare bytes.
+"""Fault-injection soaks: SIGKILL `jasper-cache build` and `jasper-distill run` at random points,
+resume, and compare with an uninterrupted run.
 
-    python -m benchmarks.soak [--kills 20] [--seed N]
+    python -m benchmarks.soak [--target build|train|both] [--kills 20] [--seed N]
 
-A tiny local teacher builds a 60-shard store in a subprocess; the soak kills it at a random
+Build: a tiny local teacher builds a 60-shard store in a subprocess; the soak kills it at a random
 moment after a random number of completed shards, checks that every shard marked done is intact
 (`verify`), and starts it again, until `--kills` kills have landed; a final run finishes the
 store, which must be byte-identical (targets and completion records) to an uninterrupted build.
 Kills that land after a shard's data but before its record, or inside a shard write, are counted
 from what they leave behind: shard objects whose shard is not marked done.
+
+Train: stage 1 of a tiny student (checkpoints every 3 steps) is killed at a random moment after a
+random step, and once, on purpose, inside a checkpoint write (every file saved, the state file
+not yet); after each kill the newest complete checkpoint must verify. A final resume finishes the
+stage, whose loss log and final weights must equal an uninterrupted run's, bit for bit. Kills
+inside a checkpoint write are counted from the temp folder they leave.
 """
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -27,13 +35,14 @@ from embed_cache.store import TargetStore
 from embed_cache.teachers import TeacherSpec
 from embed_cache.verify import verify_store
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 BUILD = ["--teacher", "soak", "--batch-tokens", "64"]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny teacher, student and store helpers
 
 
 def tiny_teacher(folder: Path) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_teachers import save_teacher  # the tests' tiny sentence-transformers teacher
+    from tiny_teachers import save_teacher
 
     return str(save_teacher(folder, seed=7, layers=3))
 
@@ -60,7 +69,7 @@ def orphaned_shards(store: TargetStore) -> set[int]:
     return {s for s in range(store.n_shards) if not done[s] and not store.missing_objects("soak", s)}
 
 
-def soak(kills: int, seed: int, log=print) -> dict:
+def soak_build(kills: int, seed: int, log=print) -> dict:
     rng = random.Random(seed)
     texts = [f"Soak text {i} is {'long ' * (i % 9)}and number {i * 37 % 101}." for i in range(960)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,14 +114,106 @@ def soak(kills: int, seed: int, log=print) -> dict:
     return result
 
 
+# A `jasper-distill` that SIGKILLs itself inside its first checkpoint write after step 3: all of
+# accelerate's files are in the temp folder, the state file (which makes it a checkpoint) is not.
+KILL_IN_CHECKPOINT_WRITE = (
+    "import os, signal, sys\n"
+    "import distill.checkpoint as checkpoint\n"
+    "def kill(folder):\n"
+    "    if int(folder.name.rsplit('-', 1)[1]) > 3:\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    return manifest(folder)\n"
+    "manifest, checkpoint.manifest = checkpoint.manifest, kill\n"
+    "sys.argv[0] = 'jasper-distill'\n"
+    "from distill.cli import main\n"
+    "main()\n"
+)
+
+
+def logged_steps(stage_dir: Path) -> int:
+    log = stage_dir / "log.jsonl"
+    return log.read_text(encoding="utf-8").count("\n") if log.exists() else 0
+
+
+def losses(stage_dir: Path) -> list[dict]:
+    """The loss log without its one wall-clock field (samples/s)."""
+    records = map(json.loads, (stage_dir / "log.jsonl").read_text(encoding="utf-8").splitlines())
+    return [{key: value for key, value in record.items() if key != "samples_per_s"} for record in records]
+
+
+def soak_train(kills: int, seed: int, log=print, steps: int = 60) -> dict:
+    from train_helpers import config_file, word_store
+
+    from distill import checkpoint
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = word_store(root / "data", n=256, shard_rows=64, chunk_rows=16)
+
+        def config(name: str) -> str:
+            (root / name).mkdir()
+            return config_file(root / name, store.url, steps=steps, batch=8, num_workers=1)
+
+        def launch(cfg: str, prefix=("-m", "distill")) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, *prefix, "run", "--stage", "1", "--config", cfg], env=ENV,
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        straight = launch(config("straight"))
+        run_number, landed, in_checkpoint_write = 0, 0, 0
+        cfg = config(f"killed{run_number}")
+        while landed < kills:
+            stage_dir = Path(cfg).parent / "run" / "stage1"
+            if (stage_dir / "final").exists():  # it finished before the kill came: a fresh run
+                run_number += 1
+                cfg = config(f"killed{run_number}")
+                continue
+            if landed == 0:  # the first kill is inside a checkpoint write, on purpose
+                process = launch(cfg, ("-c", KILL_IN_CHECKPOINT_WRITE))
+            else:
+                process = launch(cfg)
+                target = logged_steps(stage_dir) + rng.randint(1, 4)
+                while process.poll() is None and logged_steps(stage_dir) < target:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 0.15))
+                if process.poll() is None:
+                    process.send_signal(signal.SIGKILL)
+            if process.wait() != -signal.SIGKILL:
+                continue
+            landed += 1
+            in_checkpoint_write += any((stage_dir / "checkpoints").glob(".tmp-*"))
+            newest = checkpoint.latest(stage_dir)
+            if newest is not None:
+                checkpoint.verify(newest)  # raises if a kill left a damaged checkpoint in place
+        if launch(cfg).wait() != 0 or straight.wait() != 0:
+            raise AssertionError("a training run failed (run it by hand for the message)")
+        expected, resumed = root / "straight" / "run" / "stage1", Path(cfg).parent / "run" / "stage1"
+        identical = (losses(expected) == losses(resumed)
+                     and (expected / "final" / "model.safetensors").read_bytes()
+                     == (resumed / "final" / "model.safetensors").read_bytes())
+    result = {"kills": landed, "kills inside a checkpoint write": in_checkpoint_write, "fresh runs": run_number + 1,
+              "identical to uninterrupted": identical}
+    log(result)
+    return result
+
+
+SOAKS = {"build": soak_build, "train": soak_train}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=[*SOAKS, "both"], default="both")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=None, help="random by default: each soak explores new points")
     args = parser.parse_args()
-    result = soak(args.kills, args.seed if args.seed is not None else random.randrange(2**32))
-    if not result["identical to uninterrupted"]:
-        sys.exit("the resumed store differs from the uninterrupted build")
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    results = {name: SOAKS[name](args.kills, seed, log=lambda *_: None)
+               for name in (SOAKS if args.target == "both" else [args.target])}
+    print(f"seed {seed}")
+    for name, result in results.items():
+        print(f"{name}: {json.dumps(result)}")
+    if not all(result["identical to uninterrupted"] for result in results.values()):
+        sys.exit("a resumed run differs from the uninterrupted one")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
     <stage dir>/checkpoints/step-00000500/
         model.safetensors (DDP) or pytorch_model/ (DeepSpeed: weights + ZeRO-2 optimizer shards)
         optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (accelerate's save_state)
-        trainer_state.json   stage, step, sampler position, config: written last
+        trainer_state.json   stage, step, sampler position, config, and the size and xxh3-64 of
+                             every other file: written last
 
 Every rank writes into `.tmp-step-...`; rank 0 then writes trainer_state.json and renames the
 folder into place. A folder counts as a checkpoint only under its final name with
 trainer_state.json inside, so a run killed mid-save leaves a temp folder that is never loaded
-(resume falls back to the previous complete checkpoint) and is deleted by the next save.
+(resume falls back to the previous complete checkpoint) and is deleted by the next save. A
+checkpoint whose files later go missing or change (a partial copy between machines, a bad disk)
+fails `verify` with the file named, before anything is loaded from it.
 
 Pickle: weights are safetensors (DDP) and the sampler position and config are JSON, but the
 optimizer, scheduler and RNG states (and DeepSpeed's weight files) are written by accelerate /
@@ -24,9 +27,10 @@ import json
 import shutil
 from pathlib import Path
 
+import xxhash
 from accelerate import Accelerator
 
-from distill.config import write_json_atomic
+from distill.config import DistillError, write_json_atomic
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
@@ -63,7 +67,7 @@ def save(accelerator: Accelerator, stage_dir: Path, step: int, state: dict, keep
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
+        write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "files": manifest(tmp)})
         if final.exists():  # only after a rewind past it (a resume from an older checkpoint)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -71,6 +75,43 @@ def save(accelerator: Accelerator, stage_dir: Path, step: int, state: dict, keep
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def manifest(folder: Path) -> dict[str, list[int]]:
+    """[size, xxh3-64] of every file under folder, by relative path."""
+    return {str(path.relative_to(folder)): [path.stat().st_size, file_digest(path)]
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE}
+
+
+def file_digest(path: Path) -> int:
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.intdigest()
+
+
+def verify(checkpoint: Path) -> None:
+    """Raise naming the first file of the checkpoint that is missing or differs from when it was saved."""
+    expected = read_state(checkpoint).get("files")
+    problem = None if expected is not None else f"{STATE_FILE} lists no files (written by an older version)"
+    for name, (size, digest) in (expected or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            problem = f"{name} is missing"
+        elif path.stat().st_size != size:
+            problem = f"{name} has {path.stat().st_size:,} bytes where {size:,} were saved"
+        elif file_digest(path) != digest:
+            problem = f"{name} differs from the file saved (xxh3-64 mismatch)"
+        if problem:
+            break
+    if problem:
+        earlier = [p.name for p in checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
+        fallback = f"the previous one, {earlier[-1]}" if earlier else "the stage's start"
+        raise DistillError(
+            f"checkpoint {checkpoint} is damaged: {problem}. Restore the file (e.g. copy the checkpoint again), "
+            f"or delete {checkpoint.name} to resume from {fallback}; it is never loaded as it is."
+        )
 
 
 def load(accelerator: Accelerator, checkpoint: Path) -> dict:

@@ -40,8 +40,12 @@ class StudentConfig:
     """How stage 1 builds the student; later stages load the previous stage's final model."""
 
     text_encoder: str = "dunzhang/stella_en_1.5B_v5"
+    # The hub commit a hub id is pinned to (configs/train-paper.yaml pins the paper's models);
+    # recorded in every checkpoint's config. Folders ignore it.
+    revision: str | None = None
     # A SigLIP folder / hub id, or a mapping of SiglipVisionConfig fields (a fresh random tower).
     vision: str | dict = "google/siglip-so400m-patch14-384"
+    vision_revision: str | None = None
     head_dims: list[int] = field(default_factory=lambda: list(PAPER_HEAD_DIMS))
     num_img_tokens: int = PAPER_NUM_IMG_TOKENS
     tokenizer: str | None = None  # a tokenizer folder; default: the text encoder's own

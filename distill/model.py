@@ -211,6 +211,8 @@ def build_student(
     num_img_tokens: int = PAPER_NUM_IMG_TOKENS,
     tokenizer: PreTrainedTokenizerBase | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
+    vision_revision: str | None = None,
 ) -> tuple[JasperStudent, PreTrainedTokenizerBase]:
     """Assemble a student from a pretrained text encoder and a SigLIP vision tower.
 
@@ -223,6 +225,7 @@ def build_student(
         num_img_tokens: placeholder tokens per image (paper 300).
         tokenizer: the encoder's tokenizer; loaded from ``text_encoder`` when omitted.
         trust_remote_code: run code shipped with the checkpoints; off unless you pass True.
+        revision, vision_revision: hub commits to pin the encoder and the tower to (ignored for folders).
 
     Returns:
         ``(model, tokenizer)`` with the image tokens added (see :func:`prepare_tokenizer`).
@@ -233,11 +236,11 @@ def build_student(
         batch = tokenizer(["a text"], return_tensors="pt")
         vectors = model.encode_text(batch["input_ids"], batch["attention_mask"])  # {"fc1": [1, 1152], ...}
     """
-    encoder = AutoModel.from_pretrained(text_encoder, trust_remote_code=trust_remote_code)
+    encoder = AutoModel.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
     if hasattr(encoder.config, "use_cache"):
         encoder.config.use_cache = False  # an encoder never decodes: a KV cache is wasted memory
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
     # Only the pooled patch tokens are used, never SigLIP's attention-pooling head; an unused
     # trainable head would break DDP in stage 4, so it is not built.
     if isinstance(vision, SiglipVisionConfig):
@@ -245,7 +248,7 @@ def build_student(
         vision_config.vision_use_head = False
         vision_tower = SiglipVisionModel(vision_config)
     else:
-        vision_tower = SiglipVisionModel.from_pretrained(vision, vision_use_head=False)
+        vision_tower = SiglipVisionModel.from_pretrained(vision, revision=vision_revision, vision_use_head=False)
     # Copies: a new config resets its sub-configs' attention implementation, and the built
     # modules must keep theirs (JasperStudent then shares the modules' own configs).
     config = JasperConfig(

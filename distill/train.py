@@ -44,6 +44,7 @@ from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usa
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student
 from distill.stages import STAGES, StageSpec, stage_loss
+from embed_cache.config import check_name, check_written_path
 from embed_cache.store import TargetStore
 from embed_cache.teachers import local_model
 
@@ -54,6 +55,8 @@ FINAL_DIR = "final"
 
 
 def run_dir(config: TrainConfig) -> Path:
+    check_name(config.name, "name")
+    check_written_path(config.run_dir, "run_dir")
     return Path(config.run_dir or Path("runs") / config.name)
 
 
@@ -69,6 +72,8 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
     spec = dataclasses.replace(STAGES[stage], self_distillation=config.self_distillation and stage == 3)
     folder = stage_dir(config, stage)
     resume_from = checkpoint.latest(folder)
+    if resume_from:
+        checkpoint.verify(resume_from)
     saved = checkpoint.read_state(resume_from) if resume_from else None
     if saved:
         differences = resume_differences(saved["config"], config, stage)
@@ -177,7 +182,8 @@ def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
     tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
     return build_student(
         local_model(student.text_encoder), vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
-        tokenizer=tokenizer, trust_remote_code=student.trust_remote_code,
+        tokenizer=tokenizer, trust_remote_code=student.trust_remote_code, revision=student.revision,
+        vision_revision=student.vision_revision,
     )
 
 
@@ -328,10 +334,18 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint a run resumes from: they will be written again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line torn by a kill mid-write counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
 
 
 def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, stage: int, config: TrainConfig) -> Path:

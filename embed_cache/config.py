@@ -2,9 +2,10 @@
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -63,3 +64,26 @@ def _convert(hint, value, where):
         if len(inner) == 1:
             return _convert(inner[0], value, where)
     return value
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_written_path(path: str | Path | None, key: str) -> None:
+    """A path the project writes to may not climb out of where it points with `..` (a config is
+    often someone else's file: it must not make the project write beside the folder it names)."""
+    if path is not None and ".." in PurePosixPath(str(path).replace("\\", "/")).parts:
+        raise CacheError(
+            f"{key}={str(path)!r} climbs out of its folder with '..'; the project writes only below the paths "
+            "it is given. Give the location without '..' (an absolute path if it lies elsewhere)."
+        )
+
+
+def check_name(name: str, key: str) -> None:
+    """A name used as a folder name: letters, digits, '.', '_' and '-', never a path."""
+    if not _NAME.fullmatch(name or ""):
+        raise CacheError(
+            f"{key}={name!r} is used as a folder name: use letters, digits, '.', '_' and '-' only, starting "
+            "with a letter or digit (no '/' or '..')."
+        )
+

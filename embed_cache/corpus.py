@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import check_written_path
 from .errors import CacheError
 from .hashing import text_key
 from .store import TargetStore, check_can_write_new_store
@@ -306,6 +307,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
     """Build a new store's keys and texts from `config`; returns the report it also stores."""
     if config.out is None:
         raise CacheError("no output store given: pass --out PATH or set `out:` in the config.")
+    check_written_path(config.out, "out")
     if config.total <= 0:
         raise CacheError(f"total={config.total}: give the number of texts to prepare (> 0).")
     validate_sources(config.sources)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import TrainConfig, apply_overrides
-from embed_cache.config import from_mapping, load_yaml
+from embed_cache.config import check_written_path, from_mapping, load_yaml
 from embed_cache.corpus import PrepareConfig
 from embed_cache.errors import CacheError
 
@@ -119,6 +119,9 @@ def expand_paths(value, prefixes: dict[str, Path]):
 
 def fill_derived(config: PipelineConfig) -> PipelineConfig:
     """Where things live inside `out`, unless the config says otherwise."""
+    for key in ("out", "cache.out", "train.run_dir", "train.images"):
+        section, _, field = key.rpartition(".")
+        check_written_path(getattr(getattr(config, section) if section else config, field), key)
     out = Path(config.out)
     config.cache.out = config.cache.out or str(out / "cache.zarr")
     train = config.train

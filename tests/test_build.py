@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from store_helpers import write_jsonl
 from tiny_teachers import mark_remote_code, save_stella_like
 
-from benchmarks.soak import soak
+from benchmarks.soak import soak_build
 from embed_cache.build import ShardEncoder, build, token_budget_batches
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
@@ -117,7 +117,7 @@ def test_two_process_build_equals_one_process_build(tmp_path, teachers):
 
 def test_build_killed_at_random_points_resumes_to_the_same_store():
     # the soak script's loop, with CI's 3 kills (benchmarks/soak.py runs 20 and more)
-    result = soak(kills=3, seed=random.randrange(2**32), log=quiet)
+    result = soak_build(kills=3, seed=random.randrange(2**32), log=quiet)
     assert result["kills"] == 3 and result["identical to uninterrupted"]
 
 

@@ -91,6 +91,19 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["student"]["head_dims"] == [96, 32, 16, 8]
 
 
+def test_what_users_receive_holds_no_pickle_and_checkpoints_record_the_models(tiny_run):
+    _, out, _ = tiny_run
+    received = [*(out / "train").glob("stage*/final"), *(out / "export").iterdir()]
+    files = [path for folder in received for path in folder.rglob("*") if path.is_file()]
+    assert files and not [path for path in files if path.suffix in (".bin", ".pkl", ".pt", ".pth", ".pickle")]
+    for path in files:  # no pickle stream whatever the name: protocol 2+ pickles start with 0x80
+        assert path.read_bytes()[:1] != b"\x80", path
+    # a checkpoint's state names the models (and their pinned revisions) and the store it trained from
+    newest = sorted((out / "train" / "stage1" / "checkpoints").iterdir())[-1]
+    student = json.loads((newest / "trainer_state.json").read_text())["config"]["student"]
+    assert {"text_encoder", "revision", "vision", "vision_revision"} <= set(student)
+
+
 def test_a_rerun_skips_finished_phases_and_a_lost_final_model_is_resumed(tiny_run):
     config, out, _ = tiny_run
     scores = (out / "eval.json").read_text()

@@ -98,3 +98,46 @@ def test_a_store_served_over_http_is_readable_and_refuses_writes(tmp_path):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_path, s3):
+    from safetensors.torch import load_file
+    from train_helpers import SUBPROCESS_ENV, config_file, word_store
+
+    from benchmarks.soak import losses
+    from distill import checkpoint
+
+    options, root = s3
+    word_store(tmp_path / "local", n=256, shard_rows=64, chunk_rows=16)
+    shutil.copytree(tmp_path / "local" / "store.zarr", root / "bucket" / "store.zarr")  # upload: rclone serves it
+    url = "s3://bucket/store.zarr"
+    settings = dict(steps=12, batch=8, num_workers=1, storage_options=options)
+    for name in ("straight", "first", "second"):
+        (tmp_path / name).mkdir()
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # the same thread count on every side: float sums must round alike for a bit-identical result
+    subprocess.run([sys.executable, "-m", "distill", "run", "--stage", "1", "-c",
+                    config_file(tmp_path / "straight", url, **settings)], cwd=tmp_path / "straight", env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    straight = tmp_path / "straight" / "run" / "stage1" / "final"
+    first_cfg = config_file(tmp_path / "first", url, **settings)
+    first = subprocess.Popen([sys.executable, "-m", "distill", "run", "--stage", "1", "-c", first_cfg],
+                             cwd=tmp_path / "first", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage_dir = tmp_path / "first" / "run" / "stage1"
+    deadline = time.monotonic() + 240
+    while not checkpoint.checkpoints(stage_dir) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.kill()
+    first.wait()
+    assert checkpoint.checkpoints(stage_dir) and not (stage_dir / "final").exists()
+
+    # "another machine": its own working directory and run directory, the same remote cache
+    shutil.copytree(tmp_path / "first" / "run", tmp_path / "second" / "run")
+    second = subprocess.run([sys.executable, "-m", "distill", "run", "--stage", "1", "-c", first_cfg,
+                             "--run-dir", str(tmp_path / "second" / "run")],
+                            cwd=tmp_path / "second", env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "resuming stage 1" in second.stdout, second.stdout[-2000:] + second.stderr[-2000:]
+    resumed = tmp_path / "second" / "run" / "stage1"
+    assert losses(resumed) == losses(straight.parent)
+    expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(np.array_equal(weights[name].numpy(), expected[name].numpy()) for name in expected)

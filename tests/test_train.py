@@ -2,6 +2,7 @@
 resume bit for bit (after SIGKILL, and on another machine); DDP and DeepSpeed ZeRO-2 on 2 CPU processes."""
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -15,11 +16,12 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from store_helpers import fake_vectors
+from store_helpers import fake_vectors, fill
 from train_helpers import SUBPROCESS_ENV, config_file, student_settings, word_store
 from transformers import AutoTokenizer, SiglipVisionConfig
 
 import embed_cache.teachers
+from benchmarks.soak import soak_train
 from distill import checkpoint
 from distill.config import DistillError, load_config
 from distill.model import JasperStudent, build_student
@@ -111,6 +113,31 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     assert checkpoint.latest(stage_dir).name == "step-00000006"
 
 
+def test_a_checkpoint_with_a_missing_or_changed_file_is_named_and_never_loaded(tmp_path):
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    config = load_config(config_file(tmp_path, store.url, steps=6))
+    stage_dir = run(config, 1).parent
+    AcceleratorState._reset_state(reset_partial_state=True)
+    shutil.rmtree(stage_dir / "final")  # so the stage resumes from its newest checkpoint, step 6
+    newest = stage_dir / "checkpoints" / "step-00000006"
+    saved = sorted(checkpoint.read_state(newest)["files"])
+    assert "model.safetensors" in saved and any(name.startswith("optimizer") for name in saved)
+
+    (newest / "model.safetensors").rename(tmp_path / "moved")
+    with pytest.raises(DistillError, match=r"step-00000006 is damaged: model.safetensors is missing.*"
+                                           r"delete step-00000006 to resume from the previous one, step-00000003"):
+        run(config, 1)
+    data = (tmp_path / "moved").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(DistillError, match=r"model.safetensors has [\d,]+ bytes where [\d,]+ were saved"):
+        run(config, 1)
+    (newest / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(DistillError, match=r"model.safetensors differs from the file saved"):
+        run(config, 1)
+    (newest / "model.safetensors").write_bytes(data)
+    assert run(config, 1).is_dir()  # restored: it resumes
+
+
 # ---------------------------------------------------------------------- subprocesses
 def distill(*args, launcher=(sys.executable,), **kwargs) -> subprocess.Popen:
     return subprocess.Popen([*launcher, "-m", "distill", *map(str, args)], env=ENV, cwd=REPO,
@@ -160,6 +187,54 @@ def test_sigkill_then_resume_here_and_on_another_machine_equals_an_uninterrupted
         assert losses(resumed) == expected_losses
         weights = final_weights(resumed)
         assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
+
+
+def test_sigkill_at_random_steps_and_inside_a_checkpoint_write_then_resume_is_bit_identical():
+    # the soak script's loop with CI's 3 kills (`python -m benchmarks.soak --target train` runs 20)
+    result = soak_train(kills=3, seed=random.randrange(2**32), log=lambda *_: None, steps=30)
+    assert result["kills"] == 3 and result["kills inside a checkpoint write"] >= 1
+    assert result["identical to uninterrupted"]
+
+
+def test_training_beside_a_running_build_reads_only_shards_every_teacher_finished(tmp_path, monkeypatch):
+    from store_helpers import write_jsonl
+    from train_helpers import word_texts
+
+    from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+    from embed_cache.store import TargetStore
+    from embed_cache.teachers import TeacherSpec
+    from pipeline.tiny import save_teacher
+
+    big = TeacherSpec(name="big", model=str(save_teacher(tmp_path / "big", seed=1, out_dim=64)), dim=64)
+    small = TeacherSpec(name="small", model=str(save_teacher(tmp_path / "small", seed=2, out_dim=32)), dim=32)
+    source = write_jsonl(tmp_path / "corpus.jsonl", word_texts(4096))  # 256 shards: the build outlasts training
+    url = str(tmp_path / "store.zarr")
+    prepare(PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=[big, small], total=4096, out=url,
+                          shard_rows=16, chunk_rows=16, augment=AugmentSpec(0.0, 1, 10, 0.0)), log=lambda *_: None)
+    fill(TargetStore.open(url, mode="r+"), "small")
+    builder = subprocess.Popen([sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", "big",
+                                "--batch-tokens", "64"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        watcher = TargetStore.open(url)
+        while builder.poll() is None and watcher.done_shards("big").sum() < 2:
+            time.sleep(0.01)
+        reads = []
+        original = TargetStore.read_block
+
+        def read_block(self, start, stop):  # what every teacher had finished at the moment of the read
+            complete = set(TargetStore.open(url).complete_shards())
+            reads.append((start // 16, complete))
+            return original(self, start, stop)
+
+        monkeypatch.setattr(TargetStore, "read_block", read_block)
+        run(load_config(config_file(tmp_path, url, steps=6, batch=8, allow_partial=True)), 1)
+    finally:
+        builder.wait(timeout=300)
+    assert builder.returncode == 0
+    assert reads and all(shard in complete for shard, complete in reads)
+    n_shards = TargetStore.open(url).n_shards
+    assert any(len(complete) < n_shards for _, complete in reads), "the build ended before training read anything"
+    assert len(TargetStore.open(url).complete_shards()) == n_shards
 
 
 def test_stage1_under_ddp_and_deepspeed_zero2_on_two_processes(tmp_path):
