@@ -25,11 +25,9 @@ class Row:
 
     @property
     def met(self) -> bool | None:
-        if self.target is None:
+        if self.target is None or self.theirs == 0:  # nothing to judge, or a zero baseline
             return None
         direction, bound = self.target
-        if self.theirs == 0:
-            return None
         value = self.ours if self.ratio is None else self.ratio
         return value >= bound if direction == "≥" else value <= bound
 

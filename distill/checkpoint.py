@@ -93,18 +93,7 @@ def file_digest(path: Path) -> int:
 
 def verify(checkpoint: Path) -> None:
     """Raise naming the first file of the checkpoint that is missing or differs from when it was saved."""
-    expected = read_state(checkpoint).get("files")
-    problem = None if expected is not None else f"{STATE_FILE} lists no files (written by an older version)"
-    for name, (size, digest) in (expected or {}).items():
-        path = checkpoint / name
-        if not path.is_file():
-            problem = f"{name} is missing"
-        elif path.stat().st_size != size:
-            problem = f"{name} has {path.stat().st_size:,} bytes where {size:,} were saved"
-        elif file_digest(path) != digest:
-            problem = f"{name} differs from the file saved (xxh3-64 mismatch)"
-        if problem:
-            break
+    problem = _first_problem(checkpoint)
     if problem:
         earlier = [p.name for p in checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
         fallback = f"the previous one, {earlier[-1]}" if earlier else "the stage's start"
@@ -112,6 +101,21 @@ def verify(checkpoint: Path) -> None:
             f"checkpoint {checkpoint} is damaged: {problem}. Restore the file (e.g. copy the checkpoint again), "
             f"or delete {checkpoint.name} to resume from {fallback}; it is never loaded as it is."
         )
+
+
+def _first_problem(checkpoint: Path) -> str | None:
+    expected = read_state(checkpoint).get("files")
+    if expected is None:
+        return f"{STATE_FILE} lists no files (written by an older version)"
+    for name, (size, digest) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes where {size:,} were saved"
+        if file_digest(path) != digest:
+            return f"{name} differs from the file saved (xxh3-64 mismatch)"
+    return None
 
 
 def load(accelerator: Accelerator, checkpoint: Path) -> dict:

@@ -86,4 +86,3 @@ def check_name(name: str, key: str) -> None:
             f"{key}={name!r} is used as a folder name: use letters, digits, '.', '_' and '-' only, starting "
             "with a letter or digit (no '/' or '..')."
         )
-

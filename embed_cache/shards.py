@@ -36,6 +36,7 @@ from .errors import CacheError
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
 _READ_THREADS = 8  # enough to keep a disk's or an object store's queue busy
+_REPAIR = "run `jasper-cache verify STORE --invalidate-bad`, then rebuild the teacher it names."
 
 
 def crc32c(data) -> bytes:
@@ -160,12 +161,12 @@ class ShardFiles:
         if index is None:
             return
         for run in _adjacent_runs(index, chunks):
-            begin = index[run[0]][0]
-            data = self._get(key, begin, sum(index[run[-1]]))
-            if len(data) != sum(index[run[-1]]) - begin:
+            begin, end = index[run[0]][0], sum(index[run[-1]])
+            data = self._get(key, begin, end)
+            if len(data) != end - begin:
                 raise CacheError(
                     f"object {key} of {self.array.store} is truncated ({begin + len(data)} bytes where its index "
-                    "needs more): run `jasper-cache verify STORE --invalidate-bad`, then rebuild the teacher it names."
+                    f"needs {end}): {_REPAIR}"
                 )
             values = self._decode(key, run, [index[chunk] for chunk in run], begin, data)
             lo, hi = max(first, run[0] * rows), min(last, (run[-1] + 1) * rows)
@@ -174,20 +175,20 @@ class ShardFiles:
     def _decode(self, key: str, run: list[int], entries: list[tuple[int, int]], begin: int,
                 data: np.ndarray) -> np.ndarray:
         """(len(run) * chunk_rows, width) values of adjacent chunks, every crc32c checked."""
-        payloads = []
+        decoded = []
         for chunk, (offset, size) in zip(run, entries):
             payload = data[offset - begin:offset - begin + size - _CRC]
             if crc32c(payload) != data[offset - begin + size - _CRC:offset - begin + size].tobytes():
                 raise CacheError(
                     f"object {key} of {self.array.store}: chunk {chunk} (rows {chunk * self.chunk_rows}.. of "
-                    "the shard) fails its crc32c: the object is corrupt. Run `jasper-cache verify STORE "
-                    "--invalidate-bad`, then rebuild the teacher it names."
+                    f"the shard) fails its crc32c: the object is corrupt; {_REPAIR}"
                 )
-            payloads.append(payload if self.zstd is None else np.frombuffer(self.zstd.decode(payload), np.uint8))
+            if self.zstd is not None:
+                decoded.append(np.frombuffer(self.zstd.decode(payload), np.uint8))
         if self.zstd is None:  # uncompressed chunks are equal-sized: view them in place, one copy
             stride = self.chunk_bytes + _CRC
-            payloads = np.lib.stride_tricks.as_strided(data, (len(run), self.chunk_bytes), (stride, 1))
-        return np.asarray(payloads).view("<f2").reshape(len(run) * self.chunk_rows, self.width)
+            decoded = np.lib.stride_tricks.as_strided(data, (len(run), self.chunk_bytes), (stride, 1))
+        return np.asarray(decoded).view("<f2").reshape(len(run) * self.chunk_rows, self.width)
 
     def _index(self, key: str) -> list[tuple[int, int] | None] | None:
         """(offset, nbytes) of each chunk of an object, None for chunks never written; cached.
@@ -200,8 +201,7 @@ class ShardFiles:
             raw, stored = data[:-_CRC], bytes(data[-_CRC:])
             if len(data) != self._index_bytes or crc32c(raw) != stored:
                 raise CacheError(
-                    f"object {key} of {self.array.store} has a corrupt shard index (torn or overwritten): "
-                    "run `jasper-cache verify STORE --invalidate-bad`, then rebuild the teacher it names."
+                    f"object {key} of {self.array.store} has a corrupt shard index (torn or overwritten): {_REPAIR}"
                 )
             self._indexes[key] = _entries(np.frombuffer(raw, dtype="<u8").reshape(self.chunks_per_shard, 2))
         return self._indexes[key]

@@ -291,10 +291,9 @@ class TargetStore:
         block = np.ascontiguousarray(vectors, dtype=np.float16)
         # Each object is replaced whole, never merged: one torn by a killed writer (or found
         # corrupt by verify) is simply overwritten. The objects are this teacher's alone.
-        width = self._shards.width
-        for number in range(columns.start // width, columns.stop // width):
-            offset = number * width - columns.start
-            self._shards.write(shard, number, block[:, offset:offset + width])
+        for number in self._column_blocks(columns.start, columns.stop):
+            offset = number * self._shards.width - columns.start
+            self._shards.write(shard, number, block[:, offset:offset + self._shards.width])
         return block_digest(block)
 
     def mark_done(self, teacher: str, shard: int, digest: int) -> None:
@@ -308,12 +307,15 @@ class TargetStore:
 
     def _shard_object_keys(self, teacher: str, shard: int) -> list[str]:
         columns = self.columns(teacher)
-        width = self._shards.width
-        return [self._shards.key(shard, block) for block in range(columns.start // width, columns.stop // width)]
+        return [self._shards.key(shard, block) for block in self._column_blocks(columns.start, columns.stop)]
 
     @cached_property
     def _shards(self) -> ShardFiles:
         return ShardFiles(self.group["targets"])
+
+    def _column_blocks(self, first: int, last: int) -> range:
+        """Numbers of the shard objects (column blocks) covering columns [first, last)."""
+        return range(first // self._shards.width, last // self._shards.width)
 
     def missing_objects(self, teacher: str, shard: int) -> list[str]:
         """Keys of this teacher's shard objects that are absent from the store."""
@@ -356,7 +358,7 @@ class TargetStore:
         first, last = (0, self.dim) if teacher is None else (self.columns(teacher).start, self.columns(teacher).stop)
         start, stop = max(0, start), min(stop, self.n_rows)
         out = np.empty((max(0, stop - start), last - first), dtype=np.float16)
-        self._shards.read(start, stop, range(first // self._shards.width, last // self._shards.width), out)
+        self._shards.read(start, stop, self._column_blocks(first, last), out)
         return out
 
     def read_block(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:

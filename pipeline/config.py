@@ -119,9 +119,9 @@ def expand_paths(value, prefixes: dict[str, Path]):
 
 def fill_derived(config: PipelineConfig) -> PipelineConfig:
     """Where things live inside `out`, unless the config says otherwise."""
-    for key in ("out", "cache.out", "train.run_dir", "train.images"):
-        section, _, field = key.rpartition(".")
-        check_written_path(getattr(getattr(config, section) if section else config, field), key)
+    for key, path in (("out", config.out), ("cache.out", config.cache.out), ("train.run_dir", config.train.run_dir),
+                      ("train.images", config.train.images)):
+        check_written_path(path, key)
     out = Path(config.out)
     config.cache.out = config.cache.out or str(out / "cache.zarr")
     train = config.train
