@@ -49,7 +49,12 @@ class StudentConfig:
     head_dims: list[int] = field(default_factory=lambda: list(PAPER_HEAD_DIMS))
     num_img_tokens: int = PAPER_NUM_IMG_TOKENS
     tokenizer: str | None = None  # a tokenizer folder; default: the text encoder's own
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # never needed for Stella, which loads natively
+    # "bidirectional" / "causal" for a decoder encoder; None: the encoder's own (Stella: bidirectional)
+    attention: str | None = None
+    # "token": the tokenizer appends its EOS to every text, "none": it does not; None: the encoder's
+    # own (Stella: appended, as its released tokenizer does)
+    eos: str | None = None
 
 
 @dataclass

@@ -37,6 +37,11 @@ from transformers import (
 )
 from transformers.configuration_utils import SubConfigSpec
 
+from embed_cache.errors import CacheError
+from embed_cache.native import apply_saved_attention, load_tokenizer, mean_pool, native_architecture, set_attention
+from embed_cache.stella import STELLA_ATTENTION, STELLA_EOS, load_stella_backbone
+from embed_cache.teachers import model_metadata, native_folder
+
 PAPER_HEAD_DIMS = (12288, 1024, 512, 256)
 DEMO_HEAD_DIMS = (1152, 512, 256, 128)
 PAPER_NUM_IMG_TOKENS = 300
@@ -111,6 +116,7 @@ class JasperStudent(PreTrainedModel):
         # trainable parameter would make DDP / ZeRO fail in stage 3, so drop it.
         if isinstance(getattr(self.text_encoder, "pooler", None), nn.Module):
             self.text_encoder.pooler = None
+        apply_saved_attention(self.text_encoder)  # a rebuilt bidirectional decoder must stay bidirectional
         self.vision_tower = vision_tower if vision_tower is not None else SiglipVisionModel(config.vision_config)
         text_hidden = config.text_config.hidden_size
         self.image_pooler = nn.AdaptiveAvgPool2d((config.num_img_tokens, text_hidden))
@@ -197,12 +203,6 @@ class JasperStudent(PreTrainedModel):
         return next(iter(candidates.values()))
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` [B, L, H] over the positions where ``attention_mask`` [B, L] is 1."""
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
 def build_student(
     text_encoder: str | Path,
     vision: SiglipVisionConfig | str | Path,
@@ -213,6 +213,8 @@ def build_student(
     trust_remote_code: bool = False,
     revision: str | None = None,
     vision_revision: str | None = None,
+    attention: str | None = None,
+    eos: str | None = None,
 ) -> tuple[JasperStudent, PreTrainedTokenizerBase]:
     """Assemble a student from a pretrained text encoder and a SigLIP vision tower.
 
@@ -224,8 +226,13 @@ def build_student(
             heads start freshly initialised.
         num_img_tokens: placeholder tokens per image (paper 300).
         tokenizer: the encoder's tokenizer; loaded from ``text_encoder`` when omitted.
-        trust_remote_code: run code shipped with the checkpoints; off unless you pass True.
+        trust_remote_code: run code shipped with the checkpoints; off unless you pass True. Never
+            needed for Stella, whose encoder loads natively (see :func:`load_text_encoder`).
         revision, vision_revision: hub commits to pin the encoder and the tower to (ignored for folders).
+        attention: "bidirectional" or "causal" for a decoder encoder; None keeps the encoder's own
+            (Stella's: bidirectional, as its released code runs).
+        eos: "token" appends the tokenizer's EOS to every text, "none" does not; None keeps the
+            encoder's own (Stella's: appended, as its released tokenizer does).
 
     Returns:
         ``(model, tokenizer)`` with the image tokens added (see :func:`prepare_tokenizer`).
@@ -236,11 +243,8 @@ def build_student(
         batch = tokenizer(["a text"], return_tensors="pt")
         vectors = model.encode_text(batch["input_ids"], batch["attention_mask"])  # {"fc1": [1, 1152], ...}
     """
-    encoder = AutoModel.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
-    if hasattr(encoder.config, "use_cache"):
-        encoder.config.use_cache = False  # an encoder never decodes: a KV cache is wasted memory
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
+    encoder, tokenizer = load_text_encoder(text_encoder, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                                           revision=revision, attention=attention, eos=eos)
     # Only the pooled patch tokens are used, never SigLIP's attention-pooling head; an unused
     # trainable head would break DDP in stage 4, so it is not built.
     if isinstance(vision, SiglipVisionConfig):
@@ -261,6 +265,47 @@ def build_student(
     prepare_tokenizer(model, tokenizer)
     model.eval()  # like from_pretrained: the pretrained parts arrive in eval mode, the heads must match
     return model, tokenizer
+
+
+def load_text_encoder(
+    text_encoder: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attention: str | None = None,
+    eos: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The student's text encoder and tokenizer, dispatched on the folder's config.json.
+
+    Stella's layout loads natively (``embed_cache.stella``: strict keys, its attention mode and EOS
+    handling), so the student starts from exactly the Stella teacher's pooled state; its repository
+    code never runs. Any other model goes through ``AutoModel``; one that ships code (``auto_map``)
+    needs ``trust_remote_code``, because without it transformers would silently build its stock class.
+    """
+    config, modules = model_metadata(str(text_encoder), revision)
+    if native_architecture(config, modules) == "stella":
+        folder = Path(native_folder(str(text_encoder), revision))
+        encoder = load_stella_backbone(folder, attention or STELLA_ATTENTION)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(folder, add_eos_token=(eos or STELLA_EOS) == "token")
+        return encoder, tokenizer
+    if "auto_map" in config and not trust_remote_code:
+        raise CacheError(
+            f"the student's text encoder {text_encoder} ships its own code (auto_map in config.json), and without "
+            "it transformers would build its stock class instead: review the code at a pinned `revision`, then "
+            "set `student.trust_remote_code: true`."
+        )
+    encoder = AutoModel.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
+    if hasattr(encoder.config, "use_cache"):
+        encoder.config.use_cache = False  # an encoder never decodes: a KV cache is wasted memory
+    if attention is not None:
+        set_attention(encoder, attention)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=revision, trust_remote_code=trust_remote_code)
+    if eos is not None:
+        tokenizer.add_eos_token = eos == "token"
+    return encoder, tokenizer
 
 
 def prepare_tokenizer(model: JasperStudent, tokenizer: PreTrainedTokenizerBase) -> None:

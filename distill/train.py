@@ -183,7 +183,7 @@ def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
     return build_student(
         local_model(student.text_encoder), vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
         tokenizer=tokenizer, trust_remote_code=student.trust_remote_code, revision=student.revision,
-        vision_revision=student.vision_revision,
+        vision_revision=student.vision_revision, attention=student.attention, eos=student.eos,
     )
 
 

@@ -1,8 +1,12 @@
 """Teachers: the spec recorded in the store, the presets, and loading a spec into an encoder.
 
 A spec is plain data. Two specs that differ in any recorded field produce different targets, so
-a store refuses a teacher whose spec differs from the one it was created with. Loading goes
-through sentence-transformers, so each model's own pooling and Dense heads apply.
+a store refuses a teacher whose spec differs from the one it was created with.
+
+Loading dispatches on the model folder's config.json: NV-Embed-v2 (``model_type: nvembed``) and
+Stella (``qwen2`` with a Dense head layout) load natively (``embed_cache.nvembed`` /
+``embed_cache.stella``), whatever their ``auto_map`` says, and their repository code never runs;
+every other model goes through sentence-transformers, so its own pooling and Dense heads apply.
 """
 
 import json
@@ -12,6 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import CacheError
+from .native import ATTENTION_MODES, EOS_MODES, NativeEncoder, native_architecture, read_config, read_modules
+from .stella import STELLA_ATTENTION, STELLA_EOS
 
 
 @dataclass(frozen=True)
@@ -25,9 +31,14 @@ class TeacherSpec:
     pooling: str = "model"  # "model": the sentence-transformers modules the model ships
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
     trust_remote_code: bool = False  # explicit opt-in only, recorded here
-    append_eos: bool = False  # NV-Embed-v2 expects the tokenizer's EOS at the end of every text
+    # "none": the tokenizer as configured; "text": EOS appended to the text before tokenising, so
+    # truncation can cut it (NV-Embed-v2); "token": the tokenizer appends the EOS id after
+    # truncation (Stella's tokenizer; natively implemented models only)
+    eos: str = "none"
     padding_side: str = "model"  # "right" / "left" forces it; "model" keeps the tokenizer's
     dense_head: str | None = None  # a Dense folder to use instead of modules.json's (Stella's 2_Dense_8192)
+    # "bidirectional" / "causal" for the natively implemented decoders; "model" for the rest
+    attention: str = "model"
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -37,12 +48,20 @@ class TeacherSpec:
             )
         if self.dim <= 0:
             raise CacheError(f"teacher {self.name!r} has dim={self.dim}: give its output dimension (> 0).")
+        if self.eos not in EOS_MODES:
+            raise CacheError(f"teacher {self.name!r} has eos={self.eos!r}: use one of {EOS_MODES}.")
+        if self.attention not in ("model", *ATTENTION_MODES):
+            raise CacheError(f"teacher {self.name!r} has attention={self.attention!r}: use 'model' or one of "
+                             f"{ATTENTION_MODES}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TeacherSpec":
+        if "append_eos" in data:  # stores written before `eos` replaced the boolean
+            data = {**data, "eos": "text" if data["append_eos"] else "none"}
+            del data["append_eos"]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -62,11 +81,13 @@ class TeacherSpec:
 PRESETS = {
     "nv-embed": TeacherSpec(
         name="nv-embed", model="nvidia/NV-Embed-v2", dim=4096,
-        revision="7604d305b621f14095a1aa23d351674c2859553a", append_eos=True, padding_side="right",
+        revision="7604d305b621f14095a1aa23d351674c2859553a", eos="text", padding_side="right",
+        attention="bidirectional",
     ),
     "stella": TeacherSpec(
         name="stella", model="dunzhang/stella_en_1.5B_v5", dim=8192,
         revision="d03be74b361d4eb24f42a2fe5bd2e29917df4604", dense_head="2_Dense_8192",
+        eos=STELLA_EOS, padding_side="right", attention=STELLA_ATTENTION,
     ),
     "mpnet": TeacherSpec(name="mpnet", model="sentence-transformers/all-mpnet-base-v2", dim=768),
     "minilm": TeacherSpec(name="minilm", model="sentence-transformers/all-MiniLM-L6-v2", dim=384),
@@ -77,8 +98,8 @@ def resolve_teacher(entry) -> TeacherSpec:
     """A spec from a config entry: a preset name ("stella"), "hf:PATH_OR_ID" (needs `dim`), a
     mapping with `preset:` plus overrides, or a full mapping of TeacherSpec fields.
 
-    Presets never turn `trust_remote_code` on: NV-Embed-v2 and Stella need it, and it must be
-    given explicitly (it is then recorded in the store).
+    Presets never turn `trust_remote_code` on: NV-Embed-v2 and Stella load natively, and any
+    other model that ships code needs it given explicitly (it is then recorded in the store).
     """
     if isinstance(entry, TeacherSpec):
         return entry
@@ -105,9 +126,9 @@ def resolve_teacher(entry) -> TeacherSpec:
 
 
 # ---------------------------------------------------------------------- loading
-def _needs_remote_code(folder: Path) -> bool:
-    config = folder / "config.json"
-    return config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+# What a native model needs from a hub repository: configs, tokenizer files, safetensors (root and
+# Dense folders). Never *.py: the repository's code does not run, and pickled *.bin files are not read.
+NATIVE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
 
 def model_location(spec: TeacherSpec) -> str:
@@ -127,13 +148,83 @@ def local_model(model: str) -> str:
     return model  # a hub id: transformers / sentence-transformers download it
 
 
+def model_metadata(location: str, revision: str | None) -> tuple[dict, list[dict]]:
+    """config.json and modules.json of a folder, or of a hub repository at `revision` (fetched alone,
+    before any weights, so that the architecture and any `auto_map` are known before anything runs)."""
+    if Path(location).is_dir():
+        return read_config(Path(location)), read_modules(Path(location))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    found = []
+    for name in ("config.json", "modules.json"):
+        try:
+            found.append(json.loads(Path(hf_hub_download(location, name, revision=revision)).read_text("utf-8")))
+        except EntryNotFoundError:
+            found.append({} if name == "config.json" else [])
+    return found[0], found[1]
+
+
+def native_folder(location: str, revision: str | None) -> str:
+    """A local folder holding what a native model loads: `location` itself, or a snapshot of the
+    hub repository at the pinned `revision` without its code."""
+    if Path(location).is_dir():
+        return location
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(location, revision=revision, allow_patterns=NATIVE_FILES)
+
+
 def load_teacher(spec: TeacherSpec, device: str | None = None):
-    """A SentenceTransformer for `spec`, checked to output `spec.dim` before any use."""
+    """The encoder for `spec` (native or sentence-transformers), checked to output `spec.dim`
+    before any use."""
+    location = model_location(spec)
+    config, modules = model_metadata(location, spec.revision)
+    architecture = native_architecture(config, modules)
+    if architecture is None:
+        model = _load_sentence_transformer(spec, location, config, device)
+    else:
+        model = _load_native(spec, architecture, native_folder(location, spec.revision), device)
+    dim = model.get_embedding_dimension()
+    if dim != spec.dim:
+        raise CacheError(
+            f"teacher {spec.name!r} ({spec.model}) outputs {dim}-d vectors, but the spec says "
+            f"{spec.dim}: fix `dim:` (and prepare a new store), or pick the right head with `dense_head:`."
+        )
+    return model
+
+
+def _load_native(spec: TeacherSpec, architecture: str, folder: str, device: str | None) -> NativeEncoder:
+    from .nvembed import NVEmbedEncoder
+    from .stella import StellaEncoder
+
+    if spec.padding_side == "left":
+        raise CacheError(f"teacher {spec.name!r}: the native {architecture} encoder pads on the right (so a text's "
+                         "vector never depends on its batch); remove `padding_side: left`.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if autocast_dtype(spec, device) == torch.bfloat16 else torch.float32
+    attention = spec.attention if spec.attention != "model" else "bidirectional"
+    if architecture == "nvembed":
+        if attention != "bidirectional" or spec.eos == "token":
+            raise CacheError(f"teacher {spec.name!r}: NV-Embed-v2 is bidirectional with its EOS as text; set "
+                             "`attention: bidirectional` and `eos: text` (or none).")
+        model = NVEmbedEncoder.from_folder(folder, spec.max_length, spec.prompt, dtype)
+    else:
+        model = StellaEncoder.from_folder(folder, spec.max_length, spec.dense_head, attention, spec.eos, dtype)
+    _check_positions(spec, model.max_positions)
+    return model.to(device)
+
+
+def _load_sentence_transformer(spec: TeacherSpec, location: str, config: dict, device: str | None):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense
 
-    location = model_location(spec)
-    if not spec.trust_remote_code and Path(location).is_dir() and _needs_remote_code(Path(location)):
+    if spec.attention != "model" or spec.eos == "token":
+        raise CacheError(
+            f"teacher {spec.name!r}: `attention: {spec.attention}` / `eos: {spec.eos}` apply only to the natively "
+            f"implemented models (NV-Embed-v2, Stella), and {spec.model} is not one; remove them."
+        )
+    if not spec.trust_remote_code and "auto_map" in config:
         raise CacheError(_remote_code_advice(spec))
     try:
         model = SentenceTransformer(
@@ -143,26 +234,23 @@ def load_teacher(spec: TeacherSpec, device: str | None = None):
         if "trust_remote_code" in str(err):
             raise CacheError(_remote_code_advice(spec)) from err
         raise
-    positions = getattr(model[0].auto_model.config, "max_position_embeddings", None)
-    if positions is not None and spec.max_length > positions:
-        raise CacheError(
-            f"teacher {spec.name!r}: max_length {spec.max_length} exceeds the {positions} positions "
-            f"{spec.model} was trained with; set `max_length: {positions}` (or less) on this teacher."
-        )
+    _check_positions(spec, getattr(model[0].auto_model.config, "max_position_embeddings", None))
     model.max_seq_length = spec.max_length
     if spec.padding_side != "model":
         model.tokenizer.padding_side = spec.padding_side
     if spec.dense_head:
         _swap_dense_head(model, Dense.load(location, subfolder=spec.dense_head, revision=spec.revision), spec)
-    if spec.append_eos and model.tokenizer.eos_token is None:
-        raise CacheError(f"teacher {spec.name!r} sets append_eos, but {spec.model}'s tokenizer has no EOS token.")
-    dim = model.get_embedding_dimension()
-    if dim != spec.dim:
-        raise CacheError(
-            f"teacher {spec.name!r} ({spec.model}) outputs {dim}-d vectors, but the spec says "
-            f"{spec.dim}: fix `dim:` (and prepare a new store), or pick the right head with `dense_head:`."
-        )
+    if spec.eos == "text" and model.tokenizer.eos_token is None:
+        raise CacheError(f"teacher {spec.name!r} sets eos: text, but {spec.model}'s tokenizer has no EOS token.")
     return model
+
+
+def _check_positions(spec: TeacherSpec, positions: int | None) -> None:
+    if positions is not None and spec.max_length > positions:
+        raise CacheError(
+            f"teacher {spec.name!r}: max_length {spec.max_length} exceeds the {positions} positions "
+            f"{spec.model} was trained with; set `max_length: {positions}` (or less) on this teacher."
+        )
 
 
 def _swap_dense_head(model, head, spec: TeacherSpec) -> None:
@@ -196,7 +284,7 @@ def prepare_texts(spec: TeacherSpec, texts: list[str], eos_token: str | None) ->
     Texts longer than max_length tokens are truncated by the tokenizer, EOS included, exactly as
     NV-Embed-v2's own encode does.
     """
-    suffix = eos_token if spec.append_eos else ""
+    suffix = eos_token if spec.eos == "text" else ""
     limit = spec.max_length * MAX_CHARS_PER_TOKEN
     return [f"{spec.prompt}{text[:limit]}{suffix}" for text in texts]
 
