@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import build_throughput, pipeline_phases, resim, store_io, train_throughput
+from benchmarks import build_throughput, paper_models, pipeline_phases, resim, store_io, train_throughput
 from benchmarks.table import markdown
 
 GROUPS = {
@@ -26,6 +26,7 @@ GROUPS = {
                             else train_throughput.measure()),
     "resim": lambda quick: resim.measure(quick),
     "pipeline": lambda quick: pipeline_phases.measure("tiny" if quick else "demo"),
+    "paper-models": lambda quick: paper_models.measure(quick),
 }
 
 

@@ -102,6 +102,10 @@ class TrainConfig:
     deepspeed_config: str | None = None  # default: the shipped distill/configs/zero2.json
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | no
     self_distillation: bool = False  # stage 3: FC1 teaches FC2-FC4 (paper's untried variant)
+    # Recompute each encoder layer in backward instead of keeping its activations: the paper's
+    # stage 3 (128 x 512 tokens per GPU) needs ~161 GiB of activations without it, ~11 GiB with it
+    # (`python -m benchmarks.paper_models`). Same numbers, ~1/3 more compute.
+    gradient_checkpointing: bool = False
     images: str | None = None  # stage 4: folder of images + captions.json / captions.jsonl
     image_size: int | None = None  # stage 4: default the vision tower's image_size
     log_every: int = 1  # optimizer steps between log.jsonl lines

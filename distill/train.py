@@ -87,6 +87,8 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
+    if config.gradient_checkpointing:
+        model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)

@@ -16,16 +16,22 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .errors import CacheError
 
+if TYPE_CHECKING:  # transformers is imported where a model is built: the CLIs start fast without it
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
 ATTENTION_MODES = ("bidirectional", "causal")
 EOS_MODES = ("none", "text", "token")  # see TeacherSpec.eos
+# What the released stella_en_1.5B_v5 does (the evidence is in embed_cache/stella.py and the README).
+STELLA_ATTENTION = "bidirectional"
+STELLA_EOS = "token"
 
 
 def set_attention(model: PreTrainedModel, mode: str) -> None:
@@ -110,6 +116,8 @@ def load_tokenizer(folder: Path, *, add_eos_token: bool | None = None) -> PreTra
     pipeline from the vocabulary and would not be the tokenizer the model was trained with.
     ``add_eos_token``: True appends the EOS token id after truncation (Stella's tokenizer does).
     """
+    from transformers import PreTrainedTokenizerFast
+
     if not (folder / "tokenizer.json").is_file():
         raise CacheError(f"{folder} has no tokenizer.json: the model folder is incomplete; download it again.")
     extra = {} if add_eos_token is None else {"add_eos_token": add_eos_token}

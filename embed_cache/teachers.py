@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import CacheError
-from .native import ATTENTION_MODES, EOS_MODES, NativeEncoder, native_architecture, read_config, read_modules
-from .stella import STELLA_ATTENTION, STELLA_EOS
+from .native import (ATTENTION_MODES, EOS_MODES, STELLA_ATTENTION, STELLA_EOS, NativeEncoder, native_architecture,
+                     read_config, read_modules)
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,9 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: st
         raise CacheError(f"the checkpoint in {source} has other shapes than its config.json says: {wrong[:3]}; "
                          "the config and the weights come from different models.")
     module.load_state_dict({key: given[key] for key in expected}, strict=True)
+    # Mark everything as loaded, so that a transformers model that later wraps this module (the
+    # student's post_init) does not initialise these weights again.
+    for tensor in module.state_dict(keep_vars=True).values():
+        tensor._is_hf_initialized = True
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True

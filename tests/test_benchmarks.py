@@ -18,7 +18,10 @@ def test_quick_benchmarks_write_every_row(tmp_path):
     for expected in ("phase 1 build", "padded-token efficiency", "store write, demo", "store write, paper",
                      "block reads, cold, paper", "random single-row reads", "training samples/s",
                      "L_resim forward+backward time, B = 128", "L_resim peak memory, B = 128",
-                     "tiny pipeline: stage 4", "tiny pipeline: total"):
+                     "tiny pipeline: stage 4", "tiny pipeline: total", "nv-embed all parameters",
+                     "stage-3 step per GPU"):
         assert any(expected in name for name in what), f"no row for {expected!r}"
     assert all(math.isfinite(row["ours"]) and row["ours"] >= 0 for row in results["rows"])
     assert (tmp_path / "results.md").read_text().startswith("| what | ours |")
+    # the full-size models built from the project's configs have exactly the hub checkpoints' sizes
+    assert all(row["met"] for row in results["rows"] if "parameters x" in row["what"])

@@ -149,8 +149,11 @@ def test_a_dead_builders_lock_does_not_block_the_resume(tmp_path, teachers):
     assert any("taking over the build lock" in m for m in messages)
 
 
-def test_nv_embed_preset_appends_eos_and_pads_right(tmp_path):
-    spec = replace(PRESETS["nv-embed"], model=str(save_teacher(tmp_path / "nv", seed=5)), dim=32, revision=None)
+def test_a_sentence_transformers_teacher_can_append_eos_as_text_and_pad_right(tmp_path):
+    # NV-Embed-v2's own settings on a sentence-transformers model (NV-Embed-v2 itself loads natively:
+    # tests/test_native_models.py)
+    spec = replace(PRESETS["nv-embed"], model=str(save_teacher(tmp_path / "nv", seed=5)), dim=32, revision=None,
+                   attention="model")
     helper = TeacherSpec(name="helper", model=spec.model, dim=32)
     url = prepared(tmp_path, [spec, helper], n=40)
     model = load_teacher(spec)
@@ -167,9 +170,9 @@ def test_nv_embed_preset_appends_eos_and_pads_right(tmp_path):
     assert np.abs(stored - without).max() > 5 * np.abs(stored - with_eos).max()
 
 
-def test_stella_preset_uses_the_8192_head(tmp_path):
-    folder = save_stella_like(tmp_path / "stella")
-    spec = replace(PRESETS["stella"], model=str(folder), revision=None)
+def test_dense_head_replaces_the_models_own_dense_module(tmp_path):
+    folder = save_stella_like(tmp_path / "stella")  # a BERT sentence-transformers model: not native
+    spec = replace(PRESETS["stella"], model=str(folder), revision=None, attention="model", eos="none")
     url = prepared(tmp_path, [spec], n=20)
     build(url, "stella", progress=False, log=quiet)
     store = TargetStore.open(url)
@@ -184,7 +187,7 @@ def test_stella_preset_uses_the_8192_head(tmp_path):
 
 def test_wrong_output_dim_fails_before_anything_is_written(tmp_path):
     folder = save_stella_like(tmp_path / "stella")
-    spec = replace(PRESETS["stella"], model=str(folder), revision=None, dense_head=None)
+    spec = replace(PRESETS["stella"], model=str(folder), revision=None, dense_head=None, attention="model", eos="none")
     url = prepared(tmp_path, [spec], n=20)
     with pytest.raises(CacheError, match="outputs 16-d vectors, but the spec says 8192.*dense_head"):
         build(url, "stella", progress=False, log=quiet)

@@ -113,6 +113,26 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     assert checkpoint.latest(stage_dir).name == "step-00000006"
 
 
+def test_gradient_checkpointing_trains_to_the_same_numbers(tmp_path):
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    student = student_settings(tmp_path)
+    built, tokenizer = build_student(student["text_encoder"], SiglipVisionConfig(**student["vision"]),
+                                     head_dims=student["head_dims"], num_img_tokens=5,
+                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
+    built.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    runs = {}
+    for name, overrides in (("plain", []), ("recomputed", ["gradient_checkpointing=true"])):
+        (tmp_path / name).mkdir()
+        config = load_config(config_file(tmp_path / name, store.url, steps=3), overrides)
+        runs[name] = run(config, 3, init_from=tmp_path / "start").parent
+        AcceleratorState._reset_state(reset_partial_state=True)
+    plain, recomputed = runs["plain"], runs["recomputed"]
+    np.testing.assert_allclose(losses(recomputed), losses(plain), rtol=1e-5)
+    for name, weight in final_weights(plain).items():
+        torch.testing.assert_close(final_weights(recomputed)[name], weight, atol=1e-6, rtol=1e-5)
+
+
 def test_a_checkpoint_with_a_missing_or_changed_file_is_named_and_never_loaded(tmp_path):
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = load_config(config_file(tmp_path, store.url, steps=6))
