@@ -50,6 +50,7 @@ STELLA_HEAD, PAPER_HEADS, IMAGE_TOKENS_ADDED = 8192, (12288, 1024, 512, 256), 3
 # no headers) and the LFS size of Stella's root model.safetensors (fp32, header included).
 HUB_BYTES = {"nv-embed": (15_702_032_384, 2), "stella": (6_173_113_776, 4)}
 GPU_BF16_PEAK = 989e12  # H100 / H200 SXM, dense bf16 FLOP/s
+ASSUMED_MFU = 0.4  # for the projection without a GPU; a GPU run measures it instead
 
 GPUS, STAGE3_BATCH, MAX_LENGTH, CORPUS = 8, 128, 512, 8_000_000
 BF16, FP32 = 2, 4
@@ -197,6 +198,10 @@ def measure(quick: bool = False) -> list[Row]:
         for budget in (16384, 65536):
             rows.append(Row(f"{kind} encode peak, {budget:,} tokens at max length 512, bf16 (arithmetic)",
                             encode_peak_bytes(kind, params[kind], budget) / GIB, "GiB"))
+        rows.append(Row(f"{kind} phase 1 over 8M texts x 512 tokens at an ASSUMED {ASSUMED_MFU:.0%} MFU of "
+                        f"989 TFLOPS (projection, not a measurement)",
+                        CORPUS * MAX_LENGTH * flops_per_token(kind, params[kind]) / (GPU_BF16_PEAK * ASSUMED_MFU)
+                        / 3600, "GPU-hours"))
     student = params["student"]
     rows.append(Row("paper student parameters (Stella + heads + SigLIP so400m vision)",
                     sum(student.values()) / 1e6, "M"))

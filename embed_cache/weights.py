@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def read_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
     if (folder / SAFETENSORS).is_file():
         return load_file(folder / SAFETENSORS)
     if (folder / TORCH_BIN).is_file():
-        return torch.load(folder / TORCH_BIN, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(folder / TORCH_BIN, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CacheError(f"{folder / TORCH_BIN} holds more than tensors, so it is not loaded (a pickle can run "
+                             f"code): {str(err).splitlines()[0]}. Use the model's safetensors files.") from None
     raise CacheError(
         f"{folder} holds no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, or {TORCH_BIN}): "
         "point the model at the folder of a complete checkpoint."

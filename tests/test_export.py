@@ -63,3 +63,18 @@ def test_unknown_dim_names_the_available_heads(tmp_path):
     model, tokenizer = tiny_student("bert", tmp_path)
     with pytest.raises(ValueError, match=r"no 999-d head; its heads give \[24, 16, 8, 4\]"):
         export_sentence_transformers(model, tokenizer, dim=999, out=tmp_path / "x")
+
+
+def test_a_stella_student_exports_bidirectional_with_its_eos(tmp_path):
+    from lookalikes import save_stella_lookalike
+
+    model, tokenizer = build_student(save_stella_lookalike(tmp_path / "stella"), tiny_vision_config(),
+                                     head_dims=[8192, 16], num_img_tokens=5)
+    out = export_sentence_transformers(model, tokenizer, dim=16, out=tmp_path / "export")
+    loaded = SentenceTransformer(str(out), device="cpu")
+    assert loaded.tokenizer("x")["input_ids"][-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert loaded[0].auto_model.config.is_causal is False
+    # one text at a time (no padding, so no mask at all) and batched: both equal the student
+    for text in TEXTS:
+        np.testing.assert_allclose(loaded.encode([text]), student_vectors(model, tokenizer, [text], "fc2"), atol=1e-5)
+    np.testing.assert_allclose(loaded.encode(TEXTS), student_vectors(model, tokenizer, TEXTS, "fc2"), atol=1e-5)

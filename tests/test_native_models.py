@@ -185,6 +185,24 @@ def test_nvembed_weights_load_strictly(tmp_path):
         load_teacher(nv_spec(folder), device="cpu")
 
 
+class NotATensor:
+    pass
+
+
+def test_a_pytorch_bin_head_loads_only_as_plain_tensors(tmp_path):
+    folder = save_stella_lookalike(tmp_path / "stella")
+    head = folder / "2_Dense_1024"
+    weights = load_file(head / "model.safetensors")
+    (head / "model.safetensors").unlink()
+    torch.save(weights, head / "pytorch_model.bin")
+    spec = stella_spec(folder, dense_head="2_Dense_1024", dim=STELLA_DENSE_DIMS["2_Dense_1024"])
+    model = load_teacher(spec, device="cpu")
+    torch.testing.assert_close(model.dense.weight, weights["linear.weight"])
+    torch.save({**weights, "extra": NotATensor()}, head / "pytorch_model.bin")
+    with pytest.raises(CacheError, match="pytorch_model.bin holds more than tensors.*safetensors"):
+        load_teacher(spec, device="cpu")
+
+
 def test_nvembed_refuses_a_prompt_that_leaves_nothing_to_pool(nvembed):
     model = load_teacher(nv_spec(nvembed, prompt="word " * 20, max_length=8), device="cpu")
     with pytest.raises(CacheError, match="leaves nothing of some texts to pool"):
@@ -262,10 +280,12 @@ def test_the_paper_student_starts_from_stellas_own_pooled_state(stella, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(reloaded.text_encoder(**batch).last_hidden_state, hidden)
     # the SigLIP look-alike (full checkpoint: text + vision keys) is the stage-4 tower: 729 patches -> 6 tokens
-    assert student.vision_tower.config.hidden_size == 48
+    siglip_weights = load_file(siglip / "model.safetensors")
+    for name, value in student.vision_tower.state_dict().items():
+        torch.testing.assert_close(value, siglip_weights[f"vision_model.{name}"], msg=name)
     with torch.no_grad():
         patches = student.vision_tower(pixel_values=torch.rand(1, 3, 384, 384)).last_hidden_state
-        assert patches.shape[1] == 729
+        assert patches.shape[1] == 729 and student.image_pooler(patches).shape == (1, 6, 32)
         images = image_inputs(tokenizer, student.config, ["an image"])
         vectors = student.encode_image(torch.rand(1, 3, 384, 384), images["input_ids"], images["attention_mask"])
     assert vectors["fc1"].shape == (1, 8192)
