@@ -147,12 +147,21 @@ class JasperStudent(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
     ) -> HeadOutputs:
         """Encode texts, or images when ``pixel_values`` is given (one image per row of ``input_ids``)."""
+        pooled = self.pooled(input_ids, attention_mask, pixel_values)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    def pooled(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean-pooled last hidden state [B, hidden] that every head reads."""
         inputs_embeds = self.text_encoder.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             inputs_embeds = self._insert_image_tokens(inputs_embeds, input_ids, pixel_values)
         hidden = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        pooled = mean_pool(hidden, attention_mask)
-        return {name: head(pooled) for name, head in self.heads.items()}
+        return mean_pool(hidden, attention_mask)
 
     def _insert_image_tokens(
         self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor

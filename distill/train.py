@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
 from accelerate.utils import set_seed
@@ -40,6 +41,7 @@ from transformers import AutoTokenizer, SiglipVisionConfig, get_cosine_schedule_
 
 from distill import checkpoint
 from distill.config import DistillError, ResolvedStage, TrainConfig, resume_differences, write_json_atomic
+from distill.fc1_init import fit_fc1
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student
@@ -182,11 +184,34 @@ def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
     student = config.student
     vision = SiglipVisionConfig(**student.vision) if isinstance(student.vision, dict) else student.vision
     tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
-    return build_student(
+    model, tokenizer = build_student(
         local_model(student.text_encoder), vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
         tokenizer=tokenizer, trust_remote_code=student.trust_remote_code, revision=student.revision,
         vision_revision=student.vision_revision, attention=student.attention, eos=student.eos,
     )
+    if config.fc1_init == "lstsq":
+        texts, targets = store_sample(config, config.fc1_init_rows)
+        fit = fit_fc1(model, tokenizer, texts, targets, max_length=config.max_length)
+        print(f"FC1 from the least-squares fit on {fit['rows']} rows: mean cosine to the targets {fit['cosine']:.4f}")
+    elif config.fc1_init != "random":
+        raise DistillError(f"fc1_init={config.fc1_init!r}: use 'random' (the paper) or 'lstsq'.")
+    return model, tokenizer
+
+
+def store_sample(config: TrainConfig, rows: int) -> tuple[list[str], np.ndarray]:
+    """Texts and targets of the store's first `rows` usable rows (rows were shuffled at prepare)."""
+    if not config.store:
+        raise DistillError("fc1_init: lstsq fits FC1 to the store's targets: set `store:` in the config.")
+    store = TargetStore.open(config.store, storage_options=config.storage_options)
+    texts, targets = [], []
+    for shard in usable_shards(store, config.allow_partial):
+        start, stop = store.shard_range(shard)
+        stop = min(stop, start + rows - len(texts))
+        texts += store.read_texts(start, stop)
+        targets.append(store.read_targets(start, stop).astype(np.float32))
+        if len(texts) >= rows:
+            break
+    return texts, np.concatenate(targets)
 
 
 def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, model: JasperStudent,

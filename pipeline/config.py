@@ -46,6 +46,11 @@ class EvalSettings:
     images: str | None = "@data/emoji"
     emoji_heldout: int = 256
     batch_size: int = 64
+    # The report scores every student head against `baseline`, a teacher (by name) that is the
+    # student's starting encoder as users run it (the demo: minilm), and gives the share of the gap
+    # from it to `gap_to` (a stronger teacher, the demo's mpnet) that the student closed.
+    baseline: str | None = None
+    gap_to: str | None = None
 
 
 @dataclass

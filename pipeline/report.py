@@ -53,6 +53,7 @@ def write_report(config, phase_times: dict) -> Path:
                   if "benchmarks" in models[name]]
         lines += benchmark_rows(models, students)
         lines.append("")
+    lines += baseline_section(models, students, config.evaluation.baseline, config.evaluation.gap_to)
     fidelity = [(name, head, scores["fidelity"]) for name in students
                 for head, scores in models[name]["heads"].items() if "fidelity" in scores]
     if fidelity:
@@ -85,6 +86,34 @@ def row(name: str, dim: int, scores: dict, keys) -> str:
 def benchmark_rows(models: dict, students: list[str]) -> list[str]:
     return [row(f"{name} {head}", scores["dim"], scores["benchmarks"], BENCHMARKS)
             for name in students for head, scores in models[name]["heads"].items() if "benchmarks" in scores]
+
+
+def baseline_section(models: dict, students: list[str], baseline: str | None, gap_to: str | None) -> list[str]:
+    """Each student head's benchmark scores as `score (gain over the baseline, share of the gap
+    closed)`, where the gap runs from the baseline teacher to the `gap_to` teacher."""
+    base = models.get(f"teacher {baseline}", {}).get("benchmarks")
+    if base is None:
+        return []
+    strong = models.get(f"teacher {gap_to}", {}).get("benchmarks")
+    lines = [f"## Against {baseline} as users run it", "",
+             f"Each score, then its gain over {baseline}" + (f" and the share of the {baseline} -> {gap_to} gap "
+                                                             "it closed (negative: it lost ground)" if strong else "")
+             + ".", "", "| model | dim | " + " | ".join(BENCHMARKS) + " |", "| --- " * (len(BENCHMARKS) + 2) + "|",
+             row(f"teacher {baseline}", models[f"teacher {baseline}"]["dim"], base, BENCHMARKS)]
+    for name in students:
+        for head, scores in models[name]["heads"].items():
+            if "benchmarks" not in scores:
+                continue
+            cells = [gain_cell(scores["benchmarks"][k], base[k], strong[k] if strong else None) for k in BENCHMARKS]
+            lines.append(f"| {name} {head} | {scores['dim']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def gain_cell(score: float, base: float, strong: float | None) -> str:
+    cell = f"{score:.4f} ({score - base:+.4f}"
+    if strong is not None and strong != base:
+        cell += f", {(score - base) / (strong - base):+.0%}"
+    return cell + ")"
 
 
 def plot_losses(config, path: Path) -> None:

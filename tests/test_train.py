@@ -290,3 +290,25 @@ def test_cli_status_and_user_errors(tmp_path):
     finish(distill("run", "--stage", 1, "--config", config, "--max-steps", 2))
     status = finish(distill("status", tmp_path / "run"))
     assert "stage1" in status and "2/2" in status and "step-00000002" in status and "yes" in status
+
+
+def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
+    from distill.fc1_init import pooled_states
+    from distill.train import initial_student
+
+    store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
+    config = load_config(config_file(tmp_path, store.url), ["fc1_init=lstsq", "fc1_init_rows=80"])
+    model, tokenizer = initial_student(config)
+    # independent expectation: numpy's least squares on the same pooled states (3 shards: 32 + 32 + 16 rows)
+    texts, targets = store.read_texts(0, 80), store.read_targets(0, 80).astype(np.float64)
+    design = np.hstack([pooled_states(model, tokenizer, texts, max_length=16).numpy(), np.ones((80, 1))])
+    expected, *_ = np.linalg.lstsq(design, targets, rcond=None)
+    np.testing.assert_allclose(model.heads["fc1"].weight.detach().numpy(), expected[:-1].T, atol=1e-3)
+    np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
+    # stage 1 starts closer to the targets than from a random FC1
+    fitted = run(config, 1).parent
+    AcceleratorState._reset_state(reset_partial_state=True)
+    random_start = run(load_config(config_file(tmp_path / "random", store.url)), 1).parent
+    assert losses(fitted)[0][3] < losses(random_start)[0][3]  # the first step's cosine loss
+    with pytest.raises(DistillError, match="fc1_init='pca'"):
+        initial_student(load_config(config_file(tmp_path, store.url), ["fc1_init=pca"]))

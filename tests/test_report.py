@@ -1,0 +1,28 @@
+"""The report's comparison with the student's starting model as users run it."""
+
+from pipeline.report import BENCHMARKS, baseline_section
+
+
+def scores(value: float) -> dict:
+    return {key: value for key in BENCHMARKS}
+
+
+def test_every_student_head_is_scored_against_the_baseline_and_the_gap_it_closed():
+    models = {
+        "teacher mpnet": {"dim": 768, "benchmarks": scores(0.60)},
+        "teacher minilm": {"dim": 384, "benchmarks": scores(0.50)},
+        "stage 3": {"heads": {"fc1": {"dim": 1152, "benchmarks": scores(0.55)},
+                              "fc2": {"dim": 512, "benchmarks": scores(0.45)},
+                              "fc3": {"dim": 256}}},  # no benchmarks: no row
+    }
+    lines = baseline_section(models, ["stage 3"], "minilm", "mpnet")
+    assert lines[0] == "## Against minilm as users run it"
+    assert "| teacher minilm | 384 | 0.5000 |" in "\n".join(lines)
+    fc1 = next(line for line in lines if line.startswith("| stage 3 fc1 | 1152 |"))
+    assert fc1.count("0.5500 (+0.0500, +50%)") == len(BENCHMARKS)  # half of the 0.50 -> 0.60 gap
+    fc2 = next(line for line in lines if line.startswith("| stage 3 fc2 | 512 |"))
+    assert fc2.count("0.4500 (-0.0500, -50%)") == len(BENCHMARKS)  # lost ground
+    assert not any(line.startswith("| stage 3 fc3") for line in lines)
+    assert baseline_section(models, ["stage 3"], None, None) == []
+    without_gap = baseline_section(models, ["stage 3"], "minilm", None)
+    assert "0.5500 (+0.0500) |" in "\n".join(without_gap)
