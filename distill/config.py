@@ -106,8 +106,9 @@ class TrainConfig:
     # stage 3 (128 x 512 tokens per GPU) needs ~161 GiB of activations without it, ~11 GiB with it
     # (`python -m benchmarks.paper_models`). Same numbers, ~1/3 more compute.
     gradient_checkpointing: bool = False
-    # Stage 1's FC1: "random" (the paper) or "lstsq", the least-squares fit of the targets from the
-    # pooled states of the store's first `fc1_init_rows` usable rows (distill/fc1_init.py)
+    # Stage 1's heads: "random" (the paper) or "lstsq": FC1 the least-squares fit of the targets from
+    # the pooled states of the store's first `fc1_init_rows` usable rows, the smaller heads the fit of
+    # the targets' top principal directions (distill/fc1_init.py)
     fc1_init: str = "random"
     fc1_init_rows: int = 4096
     images: str | None = None  # stage 4: folder of images + captions.json / captions.jsonl

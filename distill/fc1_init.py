@@ -1,19 +1,22 @@
-"""FC1 initialised from a least-squares fit instead of at random (`fc1_init: lstsq`).
+"""The heads initialised from least-squares fits instead of at random (`fc1_init: lstsq`).
 
-FC1 is an affine map of the mean-pooled state, and in stage 1 the encoder is frozen, so on a
-sample of the store's rows (texts x, targets t) the affine map closest to the targets in squared
+Every head is an affine map of the mean-pooled state, and in stage 1 the encoder is frozen, so on
+a sample of the store's rows (texts x, targets t) the affine map closest to the targets in squared
 error has a closed form::
 
     [W; b] = argmin || [P, 1] [W; b] - T ||^2 + ridge * ||W||^2,   P = pooled states (n x h)
 
 solved in float64 (the ridge term, scaled by the mean of diag(PᵀP), only guards a rank-deficient
-sample). The paper's losses act on normalised vectors (cosine, similarities), so this is a start,
-not their optimum; stage 1 trains on from it. Rows were shuffled at prepare, so the first usable
-rows are a random sample. The paper preset keeps the paper's random init; the demo turns this on.
+sample). FC1 fits the targets T themselves. A smaller head of d dims has no target of its own (the
+paper trains it on similarities alone, in stage 3), so it fits T projected on its top d principal
+directions, T V_d: the d-dim linear map whose dot products best preserve the targets'. The
+paper's losses act on normalised vectors, so this is a start, not their optimum; the stages train
+on from it. Rows were shuffled at prepare, so the first usable rows are a random sample. The paper
+preset keeps the paper's random init; the demo turns this on.
 
 Example::
 
-    fit = fit_fc1(model, tokenizer, texts, targets)   # {"rows": 4096, "cosine": 0.83}
+    fit = fit_heads(model, tokenizer, texts, targets)   # {"rows": 4096, "cosine": 0.83}
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ def pooled_states(model: JasperStudent, tokenizer, texts: list[str], batch_size:
 
 
 @torch.no_grad()
-def fit_fc1(model: JasperStudent, tokenizer, texts: list[str], targets: np.ndarray, ridge: float = 1e-6,
-            batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
-    """Set FC1 to the ridge least-squares fit of `targets` [n, D] from the pooled states of `texts`;
-    returns the sample size and the mean cosine of the fitted outputs with the targets."""
+def fit_heads(model: JasperStudent, tokenizer, texts: list[str], targets: np.ndarray, ridge: float = 1e-6,
+              batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
+    """Set FC1 to the ridge least-squares fit of `targets` [n, D] from the pooled states of `texts`,
+    and each smaller head to the fit of the targets' top principal directions; returns the sample
+    size and the mean cosine of FC1's fitted outputs with the targets."""
     pooled = pooled_states(model, tokenizer, texts, batch_size, max_length)
     design = torch.cat([pooled, torch.ones(len(texts), 1, dtype=torch.float64)], dim=1)
     target = torch.as_tensor(targets, dtype=torch.float64)
@@ -51,9 +55,12 @@ def fit_fc1(model: JasperStudent, tokenizer, texts: list[str], targets: np.ndarr
     penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(gram.shape[0], dtype=torch.float64)
     penalty[-1, -1] = 0.0  # the bias is not shrunk
     solution = torch.linalg.solve(gram + penalty, design.T @ target)  # [h + 1, D]
-    head = model.heads["fc1"]
-    head.weight.copy_(solution[:-1].T.to(head.weight.dtype))
-    head.bias.copy_(solution[-1].to(head.bias.dtype))
-    fitted = design @ solution
-    cosine = torch.nn.functional.cosine_similarity(fitted, target, dim=1).mean().item()
+    # principal directions of the (uncentred) targets: dot products, not covariances, are what the
+    # similarity losses compare
+    directions = torch.linalg.svd(target, full_matrices=False).Vh  # [min(n, D), D]
+    for name, head in model.heads.items():
+        fitted = solution if head.out_features == target.shape[1] else solution @ directions[:head.out_features].T
+        head.weight.copy_(fitted[:-1].T.to(head.weight.dtype))
+        head.bias.copy_(fitted[-1].to(head.bias.dtype))
+    cosine = torch.nn.functional.cosine_similarity(design @ solution, target, dim=1).mean().item()
     return {"rows": len(texts), "cosine": cosine}

@@ -41,8 +41,8 @@ from transformers import AutoTokenizer, SiglipVisionConfig, get_cosine_schedule_
 
 from distill import checkpoint
 from distill.config import DistillError, ResolvedStage, TrainConfig, resume_differences, write_json_atomic
-from distill.fc1_init import fit_fc1
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
+from distill.fc1_init import fit_heads
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student
 from distill.stages import STAGES, StageSpec, stage_loss
@@ -191,8 +191,9 @@ def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
     )
     if config.fc1_init == "lstsq":
         texts, targets = store_sample(config, config.fc1_init_rows)
-        fit = fit_fc1(model, tokenizer, texts, targets, max_length=config.max_length)
-        print(f"FC1 from the least-squares fit on {fit['rows']} rows: mean cosine to the targets {fit['cosine']:.4f}")
+        fit = fit_heads(model, tokenizer, texts, targets, max_length=config.max_length)
+        print(f"heads from least-squares fits on {fit['rows']} rows: FC1's mean cosine to the targets "
+              f"{fit['cosine']:.4f}")
     elif config.fc1_init != "random":
         raise DistillError(f"fc1_init={config.fc1_init!r}: use 'random' (the paper) or 'lstsq'.")
     return model, tokenizer

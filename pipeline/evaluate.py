@@ -9,6 +9,9 @@ inside, so raw student heads and sentence-transformers models are compared the s
 - WordNet retrieval on 1,000 held-out synsets (never in the demo corpus): the query is the
   synset's lemma words ("signals intelligence, SIGINT"), the answer its gloss among all 1,000
   glosses; R@1, R@10 and MRR.
+- Python-docs retrieval, out of domain (neither WordNet nor news is about code): 1,171 docstrings
+  of Python's standard library; the query is a docstring's summary paragraph, the answer the rest
+  of that docstring among all 1,171; R@1, R@10 and MRR.
 - Emoji image -> caption retrieval (stage 4) on held-out pairs: the image's vector (image alone,
   no prompt) against every held-out caption's text vector, per head; R@1, R@10, MRR, mean rank.
 """
@@ -63,6 +66,13 @@ def wordnet_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "wordnet
     return retrieval_metrics(queries, glosses)
 
 
+def python_docs_retrieval(encode: TextEncoder,
+                          path: Path = DATA / "eval" / "python_docs_retrieval.jsonl.gz") -> dict[str, float]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        pairs = [json.loads(line) for line in handle]
+    return retrieval_metrics(_unit(encode([p["query"] for p in pairs])), _unit(encode([p["document"] for p in pairs])))
+
+
 def retrieval_metrics(queries: np.ndarray, answers: np.ndarray) -> dict[str, float]:
     """Query i's right answer is answers[i]; its rank = answers scoring strictly higher, plus one."""
     scores = _unit(queries) @ _unit(answers).T
@@ -101,6 +111,8 @@ def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
         "simlex999": word_pair_spearman(encode, data / "eval" / "simlex999.txt"),
     }
     results.update({f"wordnet {k}": v for k, v in wordnet_retrieval(encode, data / "eval" / "wordnet_heldout.jsonl.gz").items()})
+    results.update({f"python-docs {k}": v for k, v in python_docs_retrieval(
+        encode, data / "eval" / "python_docs_retrieval.jsonl.gz").items()})
     return results
 
 

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from distill.train import LOG_FILE, stage_dir  # noqa: E402
 from pipeline.evaluate_run import read_results  # noqa: E402
 
-BENCHMARKS = ("lee", "wordsim353", "simlex999", "wordnet R@1", "wordnet R@10", "wordnet MRR")
+BENCHMARKS = ("lee", "wordsim353", "simlex999", "wordnet R@1", "wordnet R@10", "wordnet MRR", "python-docs R@1",
+              "python-docs R@10", "python-docs MRR")
 COMPONENTS = ("loss", "cosine", "similarity", "relative_similarity")
 
 
@@ -47,7 +48,7 @@ def write_report(config, phase_times: dict) -> Path:
         "",
     ]
     if any("benchmarks" in models[t] for t in teachers) or benchmark_rows(models, students):
-        lines += ["## Text benchmarks (Spearman; WordNet retrieval on 1,000 held-out synsets)", "",
+        lines += ["## Text benchmarks (Spearman; WordNet retrieval on 1,000 held-out synsets; Python-docs retrieval out of domain)", "",
                   "| model | dim | " + " | ".join(BENCHMARKS) + " |", "| --- " * (len(BENCHMARKS) + 2) + "|"]
         lines += [row(name, models[name]["dim"], models[name]["benchmarks"], BENCHMARKS) for name in teachers
                   if "benchmarks" in models[name]]

@@ -48,3 +48,18 @@ def test_shipped_corpus_never_contains_held_out_synsets():
         held_out = [json.loads(line) for line in handle]
     assert (len(corpus), len(held_out)) == (5000, 1000)
     assert not {row["id"] for row in corpus} & {row["id"] for row in held_out}
+    with gzip.open(DATA / "corpus" / "wordnet_texts.jsonl.gz", "rt") as handle:
+        texts = [json.loads(line) for line in handle]
+    assert {row["id"] for row in texts} == {row["id"] for row in corpus}  # the same 5,000 synsets
+    assert {row["kind"] for row in texts} == {"definition", "example", "lemmas"}
+
+
+def test_the_out_of_domain_task_has_a_thousand_queries_none_in_the_corpora():
+    with gzip.open(DATA / "eval" / "python_docs_retrieval.jsonl.gz", "rt") as handle:
+        pairs = [json.loads(line) for line in handle]
+    assert len(pairs) >= 1000 and len({p["query"] for p in pairs}) == len(pairs)
+    corpora = set()
+    for name in ("wordnet_texts", "lee_background"):
+        with gzip.open(DATA / "corpus" / f"{name}.jsonl.gz", "rt") as handle:
+            corpora |= {json.loads(line)["text"] for line in handle}
+    assert not corpora & {text for p in pairs for text in (p["query"], p["document"])}

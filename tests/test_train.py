@@ -305,6 +305,13 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     expected, *_ = np.linalg.lstsq(design, targets, rcond=None)
     np.testing.assert_allclose(model.heads["fc1"].weight.detach().numpy(), expected[:-1].T, atol=1e-3)
     np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
+    # a smaller head fits the targets' top principal directions: its dot products are those of
+    # numpy's fit of the targets projected on their top 16 right singular vectors (signs cancel)
+    top = np.linalg.svd(targets, full_matrices=False)[2][:16].T
+    projected, *_ = np.linalg.lstsq(design, targets @ top, rcond=None)
+    with torch.no_grad():
+        fc2 = model.heads["fc2"](torch.as_tensor(design[:, :-1], dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(fc2 @ fc2.T, (design @ projected) @ (design @ projected).T, atol=2e-3)
     # stage 1 starts closer to the targets than from a random FC1
     fitted = run(config, 1).parent
     AcceleratorState._reset_state(reset_partial_state=True)
