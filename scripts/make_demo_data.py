@@ -6,8 +6,8 @@ standard library. Developers only: the project itself never reads ../shared.
 WordNet synsets are shuffled with seed 0: the first 1,000 are held out for retrieval evaluation
 (lemma words -> gloss) and never enter the corpus; the next 5,000 are the demo's WordNet corpus,
 as three kinds of text a student will embed: the definition, each quoted usage example, and the
-lemma words (a short, query-like text). The Lee background news articles (300, none of them among
-the 50 Lee evaluation documents) are a second domain. The out-of-domain retrieval task comes from
+lemma words (a short, query-like text). The sentences of the Lee background news articles (300
+articles, none of them among the 50 Lee evaluation documents) are a second domain. The out-of-domain retrieval task comes from
 the docstrings of Python 3.11's standard library (a domain in neither corpus): query = a
 docstring's summary paragraph, answer = the rest of that docstring, among all of them.
 """
@@ -50,7 +50,8 @@ def main() -> None:
                    [row for s in synsets[HELD_OUT:HELD_OUT + CORPUS] for row in wordnet_texts(s)])
     shutil.copy(SHARED / "corpus" / "WORDNET_LICENSE.txt", OUT / "corpus")
     news = (SHARED / "corpus" / "lee_background.cor").read_text(encoding="latin-1").strip().split("\n")
-    write_jsonl_gz(OUT / "corpus" / "lee_background.jsonl.gz", [{"text": text.strip()} for text in news if text.strip()])
+    write_jsonl_gz(OUT / "corpus" / "lee_background.jsonl.gz",
+                   [{"article": i, "text": sentence} for i, text in enumerate(news) for sentence in sentences(text)])
     write_jsonl_gz(OUT / "eval" / "python_docs_retrieval.jsonl.gz", python_doc_pairs())
     shutil.copy(Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "LICENSE.txt",
                 OUT / "eval" / "PYTHON_LICENSE.txt")
@@ -59,6 +60,12 @@ def main() -> None:
         shutil.copy(SHARED / "eval" / name, OUT / "eval")
     shutil.copytree(SHARED / "images" / "emoji", OUT / "emoji", dirs_exist_ok=True)
     shutil.copy(SHARED / "images" / "NOTO_EMOJI_COPYRIGHT.txt", OUT / "emoji")
+
+
+def sentences(article: str) -> list[str]:
+    """An article's sentences: short texts train as fast as the glosses, where whole articles would
+    pad every random batch to max_length."""
+    return [part.strip() for part in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", article.strip()) if len(part.split()) >= 4]
 
 
 def wordnet_texts(synset: dict) -> list[dict]:
@@ -77,7 +84,8 @@ SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtlede
 
 
 def python_doc_pairs() -> list[dict]:
-    """(summary paragraph -> rest of the docstring) of public stdlib functions, classes and methods
+    """(summary paragraph -> the rest of the docstring, its first 400 characters) of public stdlib
+    functions, classes and methods
     whose summary has >= 4 words and whose rest has >= 8; summaries are unique."""
     def clean(text: str) -> str:
         return re.sub(r"\s+", " ", text).strip()
@@ -102,8 +110,14 @@ def python_doc_pairs() -> list[dict]:
                     or summary.startswith(qualname.rsplit(".", 1)[-1] + "("):  # a builtin's signature line
                 continue
             seen.add(summary)
-            pairs.append({"id": qualname, "query": summary, "document": rest[:1200]})
+            pairs.append({"id": qualname, "query": summary, "document": first_words(rest, 400)})
     return pairs
+
+
+def first_words(text: str, limit: int) -> str:
+    """`text` cut at the last word boundary within `limit` characters (~100 tokens: every model
+    reads a document whole, and the teachers' evaluation stays short)."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0]
 
 
 def public_members(name: str, module) -> list[tuple[str, object]]:

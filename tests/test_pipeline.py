@@ -179,6 +179,7 @@ def test_the_demo_preset_on_a_small_slice(tmp_path):
         held_out = [line for _, line in zip(range(64), handle)]
     (tmp_path / "heldout.jsonl").write_text("".join(held_out), encoding="utf-8")
     overrides = ["cache.total=192", "cache.shard_rows=64", "train.num_workers=0", "evaluation.benchmarks=false",
+                 "train.fc1_init=random",  # a random FC1, so that two steps visibly move it
                  f"evaluation.fidelity_texts={tmp_path / 'heldout.jsonl'}", "evaluation.emoji_heldout=32"]
     for stage in (1, 2, 3, 4):
         overrides += [f"train.stage{stage}.steps=2", f"train.stage{stage}.batch_size=16"]
