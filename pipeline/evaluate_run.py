@@ -9,6 +9,9 @@ Results go to <out>/eval.json, model by model (a rerun skips models already scor
                                             "emoji": {"R@1": ..., "MRR": ...}}, ...}},
         "stage 1": ..., "stage 4": ...}}
 
+Each student also records its "text fingerprint" (xxh3 of its text-side weights): a model whose text
+side equals one already scored (stage 4 trains only the vision tower) reuses those text scores.
+
 The student's init is stage 1's start (the text encoder with fresh heads and tower, seeded as
 training seeds it); each stage is its `final/` model. Fidelity is measured on held-out texts the
 teachers embedded into <out>/heldout.zarr; emoji retrieval on the pairs held out of stage 4.
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from distill.images import load_pairs
+from distill.images import load_pairs, text_fingerprint
 from distill.model import JasperStudent
 from distill.train import FINAL_DIR, initial_student, stage_dir
 from embed_cache.store import TargetStore
@@ -67,7 +70,13 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
             model, tokenizer = initial_student(config.train)
         else:
             model, tokenizer = JasperStudent.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        models[name] = {"heads": score_student(model, tokenizer, config, heldout, pairs)}
+        fingerprint = text_fingerprint(model)
+        # a stage that left the text side as it was (stage 4 trains the vision tower only) has the
+        # text scores of the model it started from: reuse them, score only the images
+        same_text = next((scored["heads"] for scored in models.values()
+                          if scored.get("text fingerprint") == fingerprint), None)
+        models[name] = {"text fingerprint": fingerprint,
+                        "heads": score_student(model, tokenizer, config, heldout, pairs, same_text)}
         save_results(out, results)
     return results
 
@@ -100,10 +109,17 @@ def teacher_benchmarks(spec) -> dict[str, float]:
     return text_benchmarks(encode)
 
 
-def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs) -> dict[str, dict]:
+def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs,
+                  text_scores: dict | None = None) -> dict[str, dict]:
+    """{head: scores}; `text_scores` (another model's, with identical text-side weights) stand in for
+    the text benchmarks and fidelity."""
     settings, max_length = config.evaluation, config.train.max_length
     scores = {head: {"dim": layer.out_features} for head, layer in model.heads.items()}
-    if settings.benchmarks:
+    if text_scores is not None:
+        for head in scores:
+            scores[head].update({k: v for k, v in text_scores[head].items() if k in ("benchmarks", "fidelity")})
+        heldout = None
+    elif settings.benchmarks:
         heads = StudentHeads(model, tokenizer, settings.batch_size, max_length)
         for head in scores:
             scores[head]["benchmarks"] = text_benchmarks(heads.encoder(head))
