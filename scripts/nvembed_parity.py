@@ -20,8 +20,9 @@ project, which needs transformers 5):
 
        .venv/bin/python scripts/nvembed_parity.py check --model MODEL_DIR --reference reference.json
 
-The project's test (tests/test_native_parity.py) runs step 2 against tests/fixtures/nvembed_reference.json,
-which step 1 wrote for the look-alike that ``python -m tests.lookalikes`` generates.
+The project's test (tests/test_native_models.py) runs step 2 against tests/fixtures/nvembed_reference.json,
+which step 1 wrote for the look-alike in tests/fixtures/nvembed-lookalike (written by
+``python -m tests.lookalikes``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, prepare_tex
 from scripts.nvembed_parity import check, folder_digest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed_reference.json"
+LOOKALIKE = Path(__file__).parent / "fixtures" / "nvembed-lookalike"
 TEXTS = ["a cat sat on the mat", "Embedding models map text to vectors; similar texts get similar vectors.",
          "naïve café 🙂", "x", "def f(x):\n    return x * 2"]
 NV_DIM = NVEMBED_LATENT["latent_dim"]
@@ -135,11 +136,12 @@ def test_nvembed_matches_the_original_codes_vectors():
     assert expected["transformers"] == "4.42.4" and len(expected["texts"]) >= 16
 
 
-def test_nvembed_parity_with_the_original_code(tmp_path):
-    folder = save_nvembed_lookalike(tmp_path / "NV-Embed-v2")
+def test_nvembed_parity_with_the_original_code():
+    # the exact look-alike the reference ran on is committed (python -m tests.lookalikes wrote it), so a
+    # new `tokenizers` release that trains the toy vocabulary differently cannot move the goalposts
     expected = json.loads(FIXTURE.read_text())
-    assert folder_digest(folder) == expected["model_digest"], "the look-alike generator changed: rerun the reference"
-    assert check(folder, FIXTURE) >= 0.9999
+    assert folder_digest(LOOKALIKE) == expected["model_digest"], "folder and reference differ: rerun the reference"
+    assert check(LOOKALIKE, FIXTURE) >= 0.9999
 
 
 def test_nvembed_is_bidirectional_batch_independent_and_cuts_eos_by_truncation(nvembed):
