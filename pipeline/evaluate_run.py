@@ -81,6 +81,22 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
     return results
 
 
+def score_text(model, tokenizer, config: PipelineConfig, heldout) -> dict[str, dict]:
+    """{head: {"benchmarks": ..., "fidelity": ...}} (each only where configured / held-out texts exist)."""
+    settings, max_length = config.evaluation, config.train.max_length
+    scores: dict[str, dict] = {head: {} for head in model.heads}
+    if settings.benchmarks:
+        heads = StudentHeads(model, tokenizer, settings.batch_size, max_length)
+        for head in scores:
+            scores[head]["benchmarks"] = text_benchmarks(heads.encoder(head))
+    if heldout is not None:
+        texts, targets = heldout
+        vectors = student_vectors(model, tokenizer, texts, settings.batch_size, max_length)
+        for head, values in fidelity(vectors, targets).items():
+            scores[head]["fidelity"] = values
+    return scores
+
+
 def held_out_data(config: PipelineConfig):
     """(texts, targets) of the held-out store and the held-out emoji pairs; None where a run has none."""
     out = Path(config.out)
@@ -113,21 +129,11 @@ def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs,
                   text_scores: dict | None = None) -> dict[str, dict]:
     """{head: scores}; `text_scores` (another model's, with identical text-side weights) stand in for
     the text benchmarks and fidelity."""
-    settings, max_length = config.evaluation, config.train.max_length
+    settings = config.evaluation
     scores = {head: {"dim": layer.out_features} for head, layer in model.heads.items()}
-    if text_scores is not None:
-        for head in scores:
-            scores[head].update({k: v for k, v in text_scores[head].items() if k in ("benchmarks", "fidelity")})
-        heldout = None
-    elif settings.benchmarks:
-        heads = StudentHeads(model, tokenizer, settings.batch_size, max_length)
-        for head in scores:
-            scores[head]["benchmarks"] = text_benchmarks(heads.encoder(head))
-    if heldout is not None:
-        texts, targets = heldout
-        vectors = student_vectors(model, tokenizer, texts, settings.batch_size, max_length)
-        for head, values in fidelity(vectors, targets).items():
-            scores[head]["fidelity"] = values
+    text = text_scores if text_scores is not None else score_text(model, tokenizer, config, heldout)
+    for head in scores:
+        scores[head].update({k: v for k, v in text.get(head, {}).items() if k in ("benchmarks", "fidelity")})
     if pairs is not None:
         image_size = config.train.image_size
         folder = Path(config.out) / EMOJI_HELDOUT
