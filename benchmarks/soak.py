@@ -10,11 +10,14 @@ store, which must be byte-identical (targets and completion records) to an unint
 Kills that land after a shard's data but before its record, or inside a shard write, are counted
 from what they leave behind: shard objects whose shard is not marked done.
 
-Train: stage 1 of a tiny student (checkpoints every 3 steps) is killed at a random moment after a
-random step, and once, on purpose, inside a checkpoint write (every file saved, the state file
-not yet); after each kill the newest complete checkpoint must verify. A final resume finishes the
-stage, whose loss log and final weights must equal an uninterrupted run's, bit for bit. Kills
-inside a checkpoint write are counted from the temp folder they leave.
+Train: stage 1 of a tiny student, then stage 4 from its final model (checkpoints every 3 steps),
+is killed once in each window on purpose (a hook in the process SIGKILLs it: before the first
+checkpoint, inside a checkpoint write with every file saved but the state file, inside the final
+save, during stage 4's caption-target build), then at random moments; each kill is classified by
+what it left behind, and after each the newest complete checkpoint must verify. Every run that
+finishes (a kill count spans several) must equal an uninterrupted one bit for bit: loss log, final
+weights and the final checkpoint's files; a difference is named (log line, tensor, file) with the
+seed, which a rerun with `--seed` reproduces.
 """
 
 import argparse
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.errors import CacheError
 from embed_cache.store import TargetStore
 from embed_cache.teachers import TeacherSpec
 from embed_cache.verify import verify_store
@@ -108,26 +112,38 @@ def soak_build(kills: int, seed: int, log=print) -> dict:
         expected, actual = TargetStore.open(reference), TargetStore.open(url)
         identical = (np.array_equal(expected.read_targets(0, expected.n_rows), actual.read_targets(0, actual.n_rows))
                      and np.array_equal(expected.done_records("soak"), actual.done_records("soak")))
-    result = {"kills": landed, "kills leaving a shard written but not marked done": mid_write,
+    result = {"seed": seed, "kills": landed, "kills leaving a shard written but not marked done": mid_write,
               "fresh stores": restarts + 1, "identical to uninterrupted": identical}
     log(result)
     return result
 
 
-# A `jasper-distill` that SIGKILLs itself inside its first checkpoint write after step 3: all of
-# accelerate's files are in the temp folder, the state file (which makes it a checkpoint) is not.
-KILL_IN_CHECKPOINT_WRITE = (
+# `jasper-distill` with a hook that SIGKILLs it at one chosen point (argv[1]), then the real CLI.
+KILL_AT = (
     "import os, signal, sys\n"
-    "import distill.checkpoint as checkpoint\n"
-    "def kill(folder):\n"
-    "    if int(folder.name.rsplit('-', 1)[1]) > 3:\n"
-    "        os.kill(os.getpid(), signal.SIGKILL)\n"
-    "    return manifest(folder)\n"
-    "manifest, checkpoint.manifest = checkpoint.manifest, kill\n"
+    "import distill.checkpoint as checkpoint, distill.images as images, distill.train as train\n"
+    "def die(): os.kill(os.getpid(), signal.SIGKILL)\n"
+    "window = sys.argv.pop(1)\n"
+    "if window == 'before the first checkpoint':  # the first save of the stage, before it writes\n"
+    "    save = checkpoint.save\n"
+    "    checkpoint.save = lambda accelerator, stage_dir, *a: die() if checkpoint.latest(stage_dir) is None \\\n"
+    "        else save(accelerator, stage_dir, *a)\n"
+    "if window == 'inside a checkpoint write':  # accelerate's files saved, the state file not yet\n"
+    "    manifest = checkpoint.manifest\n"
+    "    checkpoint.manifest = lambda folder: die()\n"
+    "if window == 'inside the final save':  # the model saved in .tmp-final, not yet renamed\n"
+    "    write = train.write_json_atomic\n"
+    "    train.write_json_atomic = lambda path, data: die() if path.name == 'training.json' else write(path, data)\n"
+    "if window == 'during the caption-target build':  # a shard of caption vectors written, not marked done\n"
+    "    images.TargetStore.mark_done = lambda *a, **k: die()\n"
     "sys.argv[0] = 'jasper-distill'\n"
     "from distill.cli import main\n"
     "main()\n"
 )
+FORCED = ("before the first checkpoint", "inside a checkpoint write", "inside the final save",
+          "during the caption-target build")
+BETWEEN = "between checkpoints"
+STAGES = (1, 4)  # stage 1 from the store's targets; stage 4 from stage 1's final (its caption targets)
 
 
 def logged_steps(stage_dir: Path) -> int:
@@ -141,7 +157,95 @@ def losses(stage_dir: Path) -> list[dict]:
     return [{key: value for key, value in record.items() if key != "samples_per_s"} for record in records]
 
 
-def soak_train(kills: int, seed: int, log=print, steps: int = 60) -> dict:
+def tiny_images(folder: Path, n: int = 24) -> str:
+    """n solid-colour PNGs captioned with words the tiny tokenizer knows."""
+    from PIL import Image
+    from tiny_models import WORDS
+
+    folder.mkdir()
+    rng = random.Random(0)
+    entries = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3))).save(folder / f"{i}.png")
+        entries.append({"file": f"{i}.png", "caption": " ".join(rng.choice(WORDS) for _ in range(4))})
+    (folder / "captions.json").write_text(json.dumps(entries), encoding="utf-8")
+    return str(folder)
+
+
+def captions_complete(stage_dir: Path) -> bool:
+    from distill.images import CAPTION_TEACHER
+    from distill.train import CAPTION_STORE
+
+    try:
+        return not TargetStore.open(stage_dir / CAPTION_STORE).pending_shards(CAPTION_TEACHER)
+    except CacheError:  # absent, or killed inside its prepare
+        return False
+
+
+def leftovers(stage_dir: Path, stage: int) -> dict[str, int]:
+    """What an interrupted write leaves behind, with its mtime: temp folders of the final save and of
+    checkpoints, an unfinished caption-target store."""
+    from distill.train import CAPTION_STORE
+
+    found = [stage_dir / ".tmp-final", *(stage_dir / "checkpoints").glob(".tmp-*")]
+    if stage == 4 and not captions_complete(stage_dir):
+        found.append(stage_dir / CAPTION_STORE)
+    return {path.name: path.stat().st_mtime_ns for path in found if path.exists()}
+
+
+def window_left(stage_dir: Path, stage: int, before: dict[str, int]) -> str:
+    """Which window a kill landed in, from what it left behind that was not there `before`."""
+    from distill import checkpoint
+    from distill.train import CAPTION_STORE
+
+    new = {name for name, stamp in leftovers(stage_dir, stage).items() if before.get(name) != stamp}
+    if ".tmp-final" in new:
+        return "inside the final save"
+    if any(name.startswith(".tmp-") for name in new):
+        return "inside a checkpoint write"
+    if CAPTION_STORE in new:
+        return "during the caption-target build"
+    return "before the first checkpoint" if checkpoint.latest(stage_dir) is None else BETWEEN
+
+
+def window_ahead(window: str, stage_dir: Path, stage: int, steps: int) -> bool:
+    """Whether the next attempt at this stage passes through `window`."""
+    from distill import checkpoint
+
+    newest = checkpoint.latest(stage_dir)
+    if window == "before the first checkpoint":
+        return newest is None
+    if window == "inside a checkpoint write":
+        return newest is None or checkpoint.read_state(newest)["step"] < steps
+    if window == "during the caption-target build":
+        return stage == 4 and not captions_complete(stage_dir)
+    return True  # the final save
+
+
+def differences(expected: Path, resumed: Path, stage: int) -> list[str]:
+    """What differs between an uninterrupted stage and a resumed one: log lines, weight tensors, the
+    final checkpoint's files (by their recorded digests)."""
+    from safetensors.torch import load_file
+
+    from distill import checkpoint
+
+    found = []
+    want, got = losses(expected), losses(resumed)
+    if want != got:
+        line = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        found.append(f"stage {stage} log.jsonl line {line + 1} ({len(got)} lines, {len(want)} expected)")
+    a, b = load_file(expected / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    found += [f"stage {stage} weight {name}" for name in sorted(set(a) | set(b))
+              if name not in a or name not in b or not (a[name] == b[name]).all()]
+    files = [checkpoint.read_state(checkpoint.latest(folder))["files"] for folder in (expected, resumed)]
+    found += [f"stage {stage} checkpoint file {name}" for name in sorted(set(files[0]) | set(files[1]))
+              if files[0].get(name) != files[1].get(name)]
+    return found
+
+
+def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
+    """Stage 1 then stage 4 of a tiny student, killed `kills` times: first once in each window of
+    FORCED (by a hook), then at random moments; every finished run must equal an uninterrupted one."""
     from train_helpers import config_file, word_store
 
     from distill import checkpoint
@@ -150,28 +254,43 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 60) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = word_store(root / "data", n=256, shard_rows=64, chunk_rows=16)
+        images = tiny_images(root / "images")
 
-        def config(name: str) -> str:
+        def config(name: str) -> Path:
             (root / name).mkdir()
-            return config_file(root / name, store.url, steps=steps, batch=8, num_workers=1)
+            return Path(config_file(root / name, store.url, steps=steps, batch=8, num_workers=1, images=images))
 
-        def launch(cfg: str, prefix=("-m", "distill")) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, *prefix, "run", "--stage", "1", "--config", cfg], env=ENV,
-                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        def launch(cfg: Path, stage: int, window: str | None = None) -> subprocess.Popen:
+            prefix = ("-c", KILL_AT, window) if window else ("-m", "distill")
+            init = ["--init-from", str(cfg.parent / "run" / "stage1" / "final")] if stage == 4 else []
+            return subprocess.Popen([sys.executable, *prefix, "run", "--stage", str(stage), "--config", str(cfg),
+                                     *init], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        straight = launch(config("straight"))
-        run_number, landed, in_checkpoint_write = 0, 0, 0
-        cfg = config(f"killed{run_number}")
-        while landed < kills:
-            stage_dir = Path(cfg).parent / "run" / "stage1"
-            if (stage_dir / "final").exists():  # it finished before the kill came: a fresh run
-                run_number += 1
-                cfg = config(f"killed{run_number}")
+        def finish(cfg: Path) -> None:
+            for stage in STAGES:
+                if not (cfg.parent / "run" / f"stage{stage}" / "final").exists() and launch(cfg, stage).wait() != 0:
+                    raise AssertionError(f"seed {seed}: stage {stage} of {cfg.parent.name} failed (run it by hand)")
+
+        straight = config("straight")
+        finish(straight)
+        forced, by_window, found = list(FORCED), {w: 0 for w in (*FORCED, BETWEEN)}, []
+        runs, landed = 0, 0
+        cfg = config("killed0")
+        while landed < kills or forced:
+            stage = next((s for s in STAGES if not (cfg.parent / "run" / f"stage{s}" / "final").exists()), None)
+            if stage is None:  # this run finished: compare it, then a fresh one
+                found += [f"{cfg.parent.name}: {d}" for s in STAGES for d in differences(
+                    straight.parent / "run" / f"stage{s}", cfg.parent / "run" / f"stage{s}", s)]
+                runs += 1
+                cfg = config(f"killed{runs}")
                 continue
-            if landed == 0:  # the first kill is inside a checkpoint write, on purpose
-                process = launch(cfg, ("-c", KILL_IN_CHECKPOINT_WRITE))
+            stage_dir = cfg.parent / "run" / f"stage{stage}"
+            window = next((w for w in forced if window_ahead(w, stage_dir, stage, steps)), None)
+            before = leftovers(stage_dir, stage)
+            if window:
+                process = launch(cfg, stage, window)
             else:
-                process = launch(cfg)
+                process = launch(cfg, stage)
                 target = logged_steps(stage_dir) + rng.randint(1, 4)
                 while process.poll() is None and logged_steps(stage_dir) < target:
                     time.sleep(0.005)
@@ -179,20 +298,22 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 60) -> dict:
                 if process.poll() is None:
                     process.send_signal(signal.SIGKILL)
             if process.wait() != -signal.SIGKILL:
-                continue
+                continue  # it finished first
             landed += 1
-            in_checkpoint_write += any((stage_dir / "checkpoints").glob(".tmp-*"))
+            left = window_left(stage_dir, stage, before)
+            by_window[left] += 1
+            if window:
+                if left != window:
+                    raise AssertionError(f"seed {seed}: a kill meant for {window!r} left the state of {left!r}")
+                forced.remove(window)
             newest = checkpoint.latest(stage_dir)
             if newest is not None:
                 checkpoint.verify(newest)  # raises if a kill left a damaged checkpoint in place
-        if launch(cfg).wait() != 0 or straight.wait() != 0:
-            raise AssertionError("a training run failed (run it by hand for the message)")
-        expected, resumed = root / "straight" / "run" / "stage1", Path(cfg).parent / "run" / "stage1"
-        identical = (losses(expected) == losses(resumed)
-                     and (expected / "final" / "model.safetensors").read_bytes()
-                     == (resumed / "final" / "model.safetensors").read_bytes())
-    result = {"kills": landed, "kills inside a checkpoint write": in_checkpoint_write, "fresh runs": run_number + 1,
-              "identical to uninterrupted": identical}
+        finish(cfg)
+        found += [f"{cfg.parent.name}: {d}" for s in STAGES for d in differences(
+            straight.parent / "run" / f"stage{s}", cfg.parent / "run" / f"stage{s}", s)]
+    result = {"seed": seed, "kills": landed, "kills by window": by_window, "runs compared": runs + 1,
+              "differences": found, "identical to uninterrupted": not found}
     log(result)
     return result
 
@@ -213,7 +334,7 @@ def main() -> None:
     for name, result in results.items():
         print(f"{name}: {json.dumps(result)}")
     if not all(result["identical to uninterrupted"] for result in results.values()):
-        sys.exit("a resumed run differs from the uninterrupted one")
+        sys.exit(f"a resumed run differs from the uninterrupted one (seed {seed}; rerun with --seed {seed})")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class TrainConfig:
     # the targets' top principal directions (distill/fc1_init.py)
     fc1_init: str = "random"
     fc1_init_rows: int = 4096
+    # Stage 1 on the pooled states of the store's usable rows, encoded once with the frozen encoder
+    # (exact up to rounding; in memory on every process: distill/pooled.py)
+    stage1_pooled: bool = False
     images: str | None = None  # stage 4: folder of images + captions.json / captions.jsonl
     image_size: int | None = None  # stage 4: default the vision tower's image_size
     log_every: int = 1  # optimizer steps between log.jsonl lines

@@ -16,7 +16,7 @@ preset keeps the paper's random init; the demo turns this on.
 
 Example::
 
-    fit = fit_heads(model, tokenizer, texts, targets)   # {"rows": 4096, "cosine": 0.83}
+    fit = fit_heads(model, pooled_states(model, tokenizer, texts), targets)   # {"rows": 4096, "cosine": 0.83}
 """
 
 from __future__ import annotations
@@ -28,28 +28,13 @@ from distill.model import JasperStudent
 
 
 @torch.no_grad()
-def pooled_states(model: JasperStudent, tokenizer, texts: list[str], batch_size: int = 64,
-                  max_length: int = 512) -> torch.Tensor:
-    """Mean-pooled last hidden states [n, h] of `texts`, in order, with the encoder in eval mode."""
-    was_training = model.training
-    model.eval()
-    parts = []
-    for first in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[first:first + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        parts.append(model.pooled(batch["input_ids"], batch["attention_mask"]).double())
-    model.train(was_training)
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def fit_heads(model: JasperStudent, tokenizer, texts: list[str], targets: np.ndarray, ridge: float = 1e-6,
-              batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
-    """Set FC1 to the ridge least-squares fit of `targets` [n, D] from the pooled states of `texts`,
-    and each smaller head to the fit of the targets' top principal directions; returns the sample
-    size and the mean cosine of FC1's fitted outputs with the targets."""
-    pooled = pooled_states(model, tokenizer, texts, batch_size, max_length)
-    design = torch.cat([pooled, torch.ones(len(texts), 1, dtype=torch.float64)], dim=1)
+def fit_heads(model: JasperStudent, pooled: torch.Tensor, targets: np.ndarray, ridge: float = 1e-6) -> dict[str, float]:
+    """Set FC1 to the ridge least-squares fit of `targets` [n, D] from `pooled` [n, h] (the texts'
+    pooled states, `distill.pooled.pooled_states`), and each smaller head to the fit of the targets'
+    top principal directions; returns the sample size and the mean cosine of FC1's fitted outputs
+    with the targets."""
+    pooled = pooled.double()
+    design = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], dim=1)
     target = torch.as_tensor(targets, dtype=torch.float64)
     gram = design.T @ design
     penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(gram.shape[0], dtype=torch.float64)
@@ -63,4 +48,4 @@ def fit_heads(model: JasperStudent, tokenizer, texts: list[str], targets: np.nda
         head.weight.copy_(fitted[:-1].T.to(head.weight.dtype))
         head.bias.copy_(fitted[-1].to(head.bias.dtype))
     cosine = torch.nn.functional.cosine_similarity(design @ solution, target, dim=1).mean().item()
-    return {"rows": len(texts), "cosine": cosine}
+    return {"rows": len(pooled), "cosine": cosine}

@@ -142,12 +142,15 @@ class JasperStudent(PreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> HeadOutputs:
-        """Encode texts, or images when ``pixel_values`` is given (one image per row of ``input_ids``)."""
-        pooled = self.pooled(input_ids, attention_mask, pixel_values)
+        """Encode texts, or images when ``pixel_values`` is given (one image per row of ``input_ids``);
+        or apply the heads to ``pooled`` states computed earlier (stage 1 on a frozen encoder)."""
+        if pooled is None:
+            pooled = self.pooled(input_ids, attention_mask, pixel_values)
         return {name: head(pooled) for name, head in self.heads.items()}
 
     def pooled(

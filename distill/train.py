@@ -45,6 +45,7 @@ from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usa
 from distill.fc1_init import fit_heads
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student
+from distill.pooled import PooledRows, pooled_states
 from distill.stages import STAGES, StageSpec, stage_loss
 from embed_cache.config import check_name, check_written_path
 from embed_cache.store import TargetStore
@@ -52,6 +53,8 @@ from embed_cache.teachers import local_model
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # accelerate's tracker folder under the stage
+CAPTION_STORE = "caption_targets.zarr"  # stage 4: the frozen student's caption vectors
 MODEL_DIR = "model"  # the stage's architecture + tokenizer, to rebuild it on resume
 FINAL_DIR = "final"
 
@@ -86,9 +89,24 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
             )
 
     accelerator = make_accelerator(config, settings, folder)
+    # a fresh start or a resume: what earlier attempts logged past this point is dropped, so the
+    # log reads as one uninterrupted run (a run killed before its first checkpoint starts clean)
+    start = saved["step"] if saved else 0
+    if accelerator.is_main_process:
+        rewind_outputs(folder, start)
+    accelerator.wait_for_everyone()
+    start_trackers(accelerator, settings, start)
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
+    pooled = None
+    if stage == 1:  # encodes on the device the stage trains on
+        model.to(accelerator.device)
+    if stage == 1 and config.stage1_pooled:
+        pooled = PooledRows.encode(model, tokenizer, open_store(config), training_shards(config, saved),
+                                   config.max_length)
+    if stage == 1 and init_from is None and saved is None:
+        fit_initial_heads(config, model, tokenizer, pooled)
     if config.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -103,7 +121,6 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
     if resume_from:
         step = checkpoint.load(accelerator, resume_from)["step"]
         if accelerator.is_main_process:
-            truncate_log(folder / LOG_FILE, step)
             print(f"resuming stage {stage} from {resume_from} (step {step} of {settings.steps})")
     # after the checkpoint: stage 4's caption targets come from the model's (frozen) text side
     batches = make_batches(config, settings, spec, accelerator.unwrap_model(model), tokenizer, accelerator,
@@ -113,7 +130,7 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
         "stage": stage, "total_steps": settings.steps, "sampler": batches.state(), "config": config.to_dict(),
     }
     train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
-               trainer_state, config.log_every)
+               trainer_state, config.log_every, pooled)
     return save_final(accelerator, model, tokenizer, folder, stage, config)
 
 
@@ -146,11 +163,19 @@ def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path)
             options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     else:
         options["cpu"] = not cuda
-    accelerator = Accelerator(**options)
-    if trackers:
-        accelerator.init_trackers("tensorboard", config={"stage": settings.stage, "lr": settings.learning_rate,
-                                                         "steps": settings.steps, "batch_size": settings.batch_size})
-    return accelerator
+    return Accelerator(**options)
+
+
+def start_trackers(accelerator: Accelerator, settings: ResolvedStage, step: int) -> None:
+    """TensorBoard (when installed) under <stage>/tensorboard; on a resume, events that an earlier
+    attempt logged past `step` are purged (TensorBoard hides them), as the JSON log drops its lines."""
+    if not accelerator.log_with:
+        return
+    accelerator.init_trackers(
+        TENSORBOARD_DIR, config={"stage": settings.stage, "lr": settings.learning_rate, "steps": settings.steps,
+                                 "batch_size": settings.batch_size},
+        init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else None,
+    )
 
 
 def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resumed: bool,
@@ -161,7 +186,7 @@ def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resum
         # the checkpoint overwrites every weight: only the architecture is needed
         return JasperStudent(JasperConfig.from_pretrained(architecture)), AutoTokenizer.from_pretrained(architecture)
     if stage == 1 and init_from is None:
-        model, tokenizer = initial_student(config)
+        model, tokenizer = base_student(config)
     else:
         source = Path(init_from) if init_from else stage_dir(config, stage - 1) / FINAL_DIR
         if not (source / "config.json").is_file():
@@ -179,40 +204,70 @@ def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resum
 
 
 def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
-    """Stage 1's start: the configured text encoder + vision tower, heads fresh from `config.seed`."""
+    """Stage 1's start: the configured text encoder + vision tower, heads from `config.fc1_init`."""
+    model, tokenizer = base_student(config)
+    fit_initial_heads(config, model, tokenizer)
+    return model, tokenizer
+
+
+def base_student(config: TrainConfig) -> tuple[JasperStudent, object]:
+    """The configured text encoder + vision tower, heads fresh from `config.seed`."""
     set_seed(config.seed)
     student = config.student
     vision = SiglipVisionConfig(**student.vision) if isinstance(student.vision, dict) else student.vision
     tokenizer = AutoTokenizer.from_pretrained(student.tokenizer) if student.tokenizer else None
-    model, tokenizer = build_student(
+    return build_student(
         local_model(student.text_encoder), vision, head_dims=student.head_dims, num_img_tokens=student.num_img_tokens,
         tokenizer=tokenizer, trust_remote_code=student.trust_remote_code, revision=student.revision,
         vision_revision=student.vision_revision, attention=student.attention, eos=student.eos,
     )
-    if config.fc1_init == "lstsq":
-        texts, targets = store_sample(config, config.fc1_init_rows)
-        fit = fit_heads(model, tokenizer, texts, targets, max_length=config.max_length)
-        print(f"heads from least-squares fits on {fit['rows']} rows: FC1's mean cosine to the targets "
-              f"{fit['cosine']:.4f}")
-    elif config.fc1_init != "random":
+
+
+def fit_initial_heads(config: TrainConfig, model: JasperStudent, tokenizer, pooled: PooledRows | None = None) -> None:
+    """`fc1_init: lstsq`: the heads from least-squares fits on the store's first `fc1_init_rows`
+    usable rows (their states from `pooled` when stage 1 encoded them already)."""
+    if config.fc1_init == "random":
+        return
+    if config.fc1_init != "lstsq":
         raise DistillError(f"fc1_init={config.fc1_init!r}: use 'random' (the paper) or 'lstsq'.")
-    return model, tokenizer
+    rows, texts, targets = store_sample(config, config.fc1_init_rows)
+    states = pooled.of(rows) if pooled is not None else pooled_states(model, tokenizer, texts,
+                                                                        max_length=config.max_length)
+    fit = fit_heads(model, states, targets)
+    print(f"heads from least-squares fits on {fit['rows']} rows: FC1's mean cosine to the targets "
+          f"{fit['cosine']:.4f}")
 
 
-def store_sample(config: TrainConfig, rows: int) -> tuple[list[str], np.ndarray]:
-    """Texts and targets of the store's first `rows` usable rows (rows were shuffled at prepare)."""
+def open_store(config: TrainConfig) -> TargetStore:
     if not config.store:
-        raise DistillError("fc1_init: lstsq fits FC1 to the store's targets: set `store:` in the config.")
-    store = TargetStore.open(config.store, storage_options=config.storage_options)
-    texts, targets = [], []
+        raise DistillError("stages 1-3 and fc1_init: lstsq read the store's targets: set `store:` in the config.")
+    return TargetStore.open(config.store, storage_options=config.storage_options)
+
+
+def training_shards(config: TrainConfig, saved: dict | None) -> list[int]:
+    """The shards a stage trains on: those its checkpoint recorded, else the store's usable ones."""
+    store = open_store(config)
+    shards = (saved or {}).get("sampler", {}).get("shards") or usable_shards(store, config.allow_partial)
+    missing = sorted(set(shards) - set(store.complete_shards()))
+    if missing:
+        raise DistillError(f"the checkpoint trained on shards {missing}, which store {store.url} lacks.")
+    return shards
+
+
+def store_sample(config: TrainConfig, rows: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Row indices, texts and targets of the store's first `rows` usable rows (rows were shuffled at
+    prepare)."""
+    store = open_store(config)
+    indices, texts, targets = [], [], []
     for shard in usable_shards(store, config.allow_partial):
         start, stop = store.shard_range(shard)
         stop = min(stop, start + rows - len(texts))
+        indices.append(np.arange(start, stop))
         texts += store.read_texts(start, stop)
         targets.append(store.read_targets(start, stop).astype(np.float32))
         if len(texts) >= rows:
             break
-    return texts, np.concatenate(targets)
+    return np.concatenate(indices), texts, np.concatenate(targets)
 
 
 def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, model: JasperStudent,
@@ -226,18 +281,13 @@ def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, 
             "the data order and ZeRO optimizer shards depend on it, so launch with the same count."
         )
     if spec.teacher == "target":
-        if not config.store:
-            raise DistillError(f"stage {spec.stage} reads teacher targets from a store: set `store:` in the config.")
-        store = TargetStore.open(config.store, storage_options=config.storage_options)
+        store = open_store(config)
         if store.dim != model.config.head_dims[0]:
             raise DistillError(
                 f"the store's targets are {store.dim}-d but FC1 is {model.config.head_dims[0]}-d: set "
                 f"student.head_dims[0] to {store.dim} (FC1 learns the whole target)."
             )
-        shards = position.get("shards") or usable_shards(store, config.allow_partial)
-        missing = sorted(set(shards) - set(store.complete_shards()))
-        if missing:
-            raise DistillError(f"the checkpoint trained on shards {missing}, which store {store.url} lacks.")
+        shards = training_shards(config, saved)
         plan = BlockPlan(store_blocks(store, shards, config.block_chunks), settings.batch_size, config.seed,
                          config.shuffle_blocks, rank, world)
         dataset = lambda epoch, start: StoreBatches(  # noqa: E731
@@ -246,7 +296,7 @@ def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, 
         if not config.images:
             raise DistillError("stage 4 trains on image-caption pairs: set `images:` to their folder.")
         pairs = load_pairs(config.images)
-        captions = folder / "caption_targets.zarr"
+        captions = folder / CAPTION_STORE
         if accelerator.is_main_process:
             build_caption_targets(model, tokenizer, [p.caption for p in pairs], captions,
                                   config.max_length)
@@ -279,8 +329,12 @@ class Batches:
 
 # ---------------------------------------------------------------------- the loop
 def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
-               trainer_state, log_every) -> None:
+               trainer_state, log_every, pooled: PooledRows | None = None) -> None:
     model.train()
+    if spec.trainable_encoder_layers == 0 and not spec.train_vision_tower:
+        # stage 1: the encoder only feeds FC1 (no gradient passes through it), so it runs as it
+        # will be used, without dropout; this is what makes encoding it once (`pooled`) exact
+        accelerator.unwrap_model(model).text_encoder.eval()
     samples_per_step = settings.batch_size * settings.grad_accum * accelerator.num_processes
     bar = tqdm(total=settings.steps, initial=step, desc=f"stage {spec.stage}", unit="step",
                disable=not accelerator.is_main_process)
@@ -291,7 +345,7 @@ def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches
         for micro in range(settings.grad_accum):
             batch = {key: value.to(accelerator.device) for key, value in batches.next().items()}
             with accelerator.accumulate(model):
-                loss = forward(model, spec, batch)
+                loss = forward(model, spec, batch, pooled)
                 check_finite(accelerator, loss.total, step + 1, micro, batch["rows"])
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and settings.clip > 0:
@@ -320,9 +374,12 @@ def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches
         log.close()
 
 
-def forward(model, spec: StageSpec, batch: dict):
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch.get("pixel_values"))
+def forward(model, spec: StageSpec, batch: dict, pooled: PooledRows | None = None):
+    if pooled is not None:
+        outputs = model(pooled=pooled.of(batch["rows"].cpu()).to(batch["targets"].device))
+    else:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch.get("pixel_values"))
     targets = batch["targets"].float()
     if spec.teacher == "caption":
         targets = split_heads(targets, [outputs[name].shape[-1] for name in outputs])
@@ -358,8 +415,15 @@ def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, micro:
 
 
 # ---------------------------------------------------------------------- outputs
+def rewind_outputs(folder: Path, step: int) -> None:
+    """Make the stage's appended outputs end at `step` (0: a fresh start, so none are kept)."""
+    truncate_log(folder / LOG_FILE, step)
+    if step == 0:
+        shutil.rmtree(folder / TENSORBOARD_DIR, ignore_errors=True)
+
+
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint a run resumes from: they will be written again."""
+    """Drop log lines past `step`, the checkpoint a run resumes from: they will be written again."""
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]

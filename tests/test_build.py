@@ -117,7 +117,9 @@ def test_two_process_build_equals_one_process_build(tmp_path, teachers):
 
 def test_build_killed_at_random_points_resumes_to_the_same_store():
     # the soak script's loop, with CI's 3 kills (benchmarks/soak.py runs 20 and more)
-    result = soak_build(kills=3, seed=random.randrange(2**32), log=quiet)
+    seed = random.randrange(2**32)
+    print(f"soak seed {seed} (rerun: python -m benchmarks.soak --target build --kills 3 --seed {seed})")
+    result = soak_build(kills=3, seed=seed, log=quiet)
     assert result["kills"] == 3 and result["identical to uninterrupted"]
 
 
