@@ -22,12 +22,12 @@ from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.store import TargetStore
 from embed_cache.teachers import PRESETS
 
-WORDNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
+WORDNET = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
 
 
 def glosses(n: int) -> list[str]:
     with gzip.open(WORDNET, "rt", encoding="utf-8") as handle:
-        return [json.loads(line)["gloss"] for _, line in zip(range(n), handle)]
+        return [json.loads(line)["text"] for _, line in zip(range(n), handle)]
 
 
 def measure(n_texts: int = 2000, model: str = "minilm", batch_tokens: int = 16384) -> list[Row]:

@@ -99,9 +99,14 @@ def split_heads(vectors: torch.Tensor, head_dims: list[int]) -> dict[str, torch.
 
 def text_fingerprint(model: JasperStudent) -> str:
     """xxh3-64 of the text side's weights (encoder + heads): what the caption targets depend on."""
+    return weights_fingerprint(model, skip="vision_tower.")
+
+
+def weights_fingerprint(module: torch.nn.Module, skip: str | None = None) -> str:
+    """xxh3-64 of a module's weights and their names (those starting with `skip` left out)."""
     digest = xxhash.xxh3_64()
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("vision_tower."):
+    for name, tensor in module.state_dict().items():
+        if skip is None or not name.startswith(skip):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

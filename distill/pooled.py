@@ -29,17 +29,20 @@ from embed_cache.store import TargetStore
 @torch.no_grad()
 def pooled_states(model: JasperStudent, tokenizer, texts: list[str], batch_size: int = 64,
                   max_length: int = 512) -> torch.Tensor:
-    """Mean-pooled last hidden states [n, h] (float32) of `texts`, in order, with the encoder in eval mode."""
+    """Mean-pooled last hidden states [n, h] (float32, on the CPU) of `texts`, in order, with the
+    encoder in eval mode, on the model's device. Texts are batched by length, so batches pad little."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([len(text) for text in texts], kind="stable")
     parts = []
     for first in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[first:first + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        device = next(model.parameters()).device
-        parts.append(model.pooled(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        batch = tokenizer([texts[i] for i in order[first:first + batch_size]], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt").to(device)
+        parts.append(model.pooled(batch["input_ids"], batch["attention_mask"]).float().cpu())
     model.train(was_training)
-    return torch.cat(parts)
+    states = torch.cat(parts) if parts else torch.empty(0, model.config.text_config.hidden_size)
+    return states[torch.from_numpy(np.argsort(order, kind="stable"))]
 
 
 class PooledRows:

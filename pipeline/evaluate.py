@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from distill.images import weights_fingerprint
+from distill.pooled import pooled_states
+
 DATA = Path(__file__).resolve().parent / "data"
 TextEncoder = Callable[[list[str]], np.ndarray]
 
@@ -117,39 +120,42 @@ def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
 
 
 @torch.no_grad()
-def student_vectors(model, tokenizer, texts: list[str], batch_size: int = 64,
-                    max_length: int = 512) -> dict[str, np.ndarray]:
-    """{head: (n, d) raw vectors} for `texts`, in order; batches of similar lengths pad little."""
-    was_training = model.training
-    model.eval()
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    parts: dict[str, list] = {}
-    for first in range(0, len(texts), batch_size):
-        batch = [texts[i] for i in order[first:first + batch_size]]
-        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        for head, vectors in model.encode_text(encoded["input_ids"], encoded["attention_mask"]).items():
-            parts.setdefault(head, []).append(vectors.float().numpy())
-    model.train(was_training)
-    restore = np.argsort(order, kind="stable")
-    return {head: np.concatenate(chunks)[restore] for head, chunks in parts.items()}
+def student_vectors(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
+                    states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """{head: (n, d) raw vectors} for `texts`, in order (from their pooled `states` when given)."""
+    if states is None:
+        states = pooled_states(model, tokenizer, texts, batch_size, max_length)
+    device = next(model.parameters()).device
+    return {head: vectors.float().cpu().numpy() for head, vectors in model(pooled=states.to(device)).items()}
 
 
 class StudentHeads:
-    """Text encoders for each head of one student that share one forward pass per list of texts."""
+    """Text encoders for each head of one student that share one pass of the encoder per list of texts.
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 512):
+    `states`, a dict shared between students, keeps each list's pooled states by the encoder's
+    fingerprint: a student whose encoder another has run already (stage 1 trains FC1 only, over its
+    start's encoder) only applies its heads."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 512,
+                 states: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        self.encoder = weights_fingerprint(model.text_encoder)
+        self.states = states if states is not None else {}
         self._memo: dict[tuple, dict[str, np.ndarray]] = {}
 
-    def encoder(self, head: str) -> TextEncoder:
-        def encode(texts: list[str]) -> np.ndarray:
-            key = tuple(texts)
-            if key not in self._memo:
-                self._memo[key] = student_vectors(self.model, self.tokenizer, list(texts), self.batch_size,
-                                                  self.max_length)
-            return self._memo[key][head]
-        return encode
+    def vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
+        key = tuple(texts)
+        if key not in self._memo:
+            shared = (self.encoder, self.max_length, key)
+            if shared not in self.states:
+                self.states[shared] = pooled_states(self.model, self.tokenizer, list(texts), self.batch_size,
+                                                    self.max_length)
+            self._memo[key] = student_vectors(self.model, self.tokenizer, list(texts), states=self.states[shared])
+        return self._memo[key]
+
+    def encoder_of(self, head: str) -> TextEncoder:
+        return lambda texts: self.vectors(texts)[head]
 
 
 def fidelity(vectors: dict[str, np.ndarray], targets: np.ndarray) -> dict[str, dict[str, float]]:

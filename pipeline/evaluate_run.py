@@ -10,7 +10,8 @@ Results go to <out>/eval.json, model by model (a rerun skips models already scor
         "stage 1": ..., "stage 4": ...}}
 
 Each student also records its "text fingerprint" (xxh3 of its text-side weights): a model whose text
-side equals one already scored (stage 4 trains only the vision tower) reuses those text scores.
+side equals one already scored (stage 4 trains only the vision tower) reuses those text scores, and
+students with the same encoder (the init and stage 1, which trains FC1 only) run it once per text list.
 
 The student's init is stage 1's start (the text encoder with fresh heads and tower, seeded as
 training seeds it); each stage is its `final/` model. Fidelity is measured on held-out texts the
@@ -31,7 +32,7 @@ from distill.train import FINAL_DIR, initial_student, stage_dir
 from embed_cache.store import TargetStore
 from embed_cache.teachers import load_teacher, prepare_texts, resolve_teacher
 from pipeline.config import PipelineConfig
-from pipeline.evaluate import StudentHeads, fidelity, image_caption_retrieval, student_vectors, text_benchmarks
+from pipeline.evaluate import StudentHeads, fidelity, image_caption_retrieval, text_benchmarks
 
 EVAL_FILE = "eval.json"
 HELDOUT_STORE = "heldout.zarr"
@@ -62,6 +63,7 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
                 models[f"teacher {spec.name}"] = {"dim": spec.dim, "benchmarks": teacher_benchmarks(spec)}
                 save_results(out, results)
     heldout, pairs = held_out_data(config)
+    states: dict = {}  # pooled states by encoder: init and stage 1 share theirs
     for name, folder in student_checkpoints(config):
         if name in models:
             continue
@@ -76,23 +78,23 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
         same_text = next((scored["heads"] for scored in models.values()
                           if scored.get("text fingerprint") == fingerprint), None)
         models[name] = {"text fingerprint": fingerprint,
-                        "heads": score_student(model, tokenizer, config, heldout, pairs, same_text)}
+                        "heads": score_student(model, tokenizer, config, heldout, pairs, same_text, states)}
         save_results(out, results)
     return results
 
 
-def score_text(model, tokenizer, config: PipelineConfig, heldout) -> dict[str, dict]:
-    """{head: {"benchmarks": ..., "fidelity": ...}} (each only where configured / held-out texts exist)."""
-    settings, max_length = config.evaluation, config.train.max_length
+def score_text(model, tokenizer, config: PipelineConfig, heldout, states: dict | None = None) -> dict[str, dict]:
+    """{head: {"benchmarks": ..., "fidelity": ...}} (each only where configured / held-out texts exist);
+    `states`: pooled states other students with the same encoder computed (StudentHeads)."""
+    settings = config.evaluation
     scores: dict[str, dict] = {head: {} for head in model.heads}
+    heads = StudentHeads(model, tokenizer, settings.batch_size, config.train.max_length, states)
     if settings.benchmarks:
-        heads = StudentHeads(model, tokenizer, settings.batch_size, max_length)
         for head in scores:
-            scores[head]["benchmarks"] = text_benchmarks(heads.encoder(head))
+            scores[head]["benchmarks"] = text_benchmarks(heads.encoder_of(head))
     if heldout is not None:
         texts, targets = heldout
-        vectors = student_vectors(model, tokenizer, texts, settings.batch_size, max_length)
-        for head, values in fidelity(vectors, targets).items():
+        for head, values in fidelity(heads.vectors(texts), targets).items():
             scores[head]["fidelity"] = values
     return scores
 
@@ -126,12 +128,12 @@ def teacher_benchmarks(spec) -> dict[str, float]:
 
 
 def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs,
-                  text_scores: dict | None = None) -> dict[str, dict]:
+                  text_scores: dict | None = None, states: dict | None = None) -> dict[str, dict]:
     """{head: scores}; `text_scores` (another model's, with identical text-side weights) stand in for
-    the text benchmarks and fidelity."""
+    the text benchmarks and fidelity; `states` as in score_text."""
     settings = config.evaluation
     scores = {head: {"dim": layer.out_features} for head, layer in model.heads.items()}
-    text = text_scores if text_scores is not None else score_text(model, tokenizer, config, heldout)
+    text = text_scores if text_scores is not None else score_text(model, tokenizer, config, heldout, states)
     for head in scores:
         scores[head].update({k: v for k, v in text.get(head, {}).items() if k in ("benchmarks", "fidelity")})
     if pairs is not None:

@@ -24,7 +24,7 @@ from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, model_locat
 from embed_cache.verify import verify_store
 from pipeline.tiny import save_teacher
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GLOSSES = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
 NO_AUGMENT = AugmentSpec(split_rate=0.0, shuffle_rate=0.0)
 # Identical numbers across runs and process counts need the same thread count everywhere.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -85,8 +85,8 @@ def test_token_budget_batches_cover_every_text_within_budget_and_fill():
 def test_real_minilm_targets_equal_sentence_transformers_encode(tmp_path, teachers):
     import gzip
 
-    with gzip.open(SHARED / "corpus" / "wordnet_glosses.jsonl.gz", "rt", encoding="utf-8") as handle:
-        glosses = [json.loads(line)["gloss"] for _, line in zip(range(500), handle)]
+    with gzip.open(GLOSSES, "rt", encoding="utf-8") as handle:  # shipped with the demo
+        glosses = [json.loads(line)["text"] for _, line in zip(range(500), handle)]
     url = prepared(tmp_path, [PRESETS["minilm"], teachers[0]], texts=glosses, shard_rows=128)
     summary = build(url, "minilm", progress=False, log=quiet)
     assert summary.texts == len(set(glosses)) and summary.padding_efficiency >= 0.9

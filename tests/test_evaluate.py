@@ -65,3 +65,28 @@ def test_the_out_of_domain_task_has_a_thousand_queries_none_in_the_corpora():
         with gzip.open(DATA / "corpus" / f"{name}.jsonl.gz", "rt") as handle:
             corpora |= {json.loads(line)["text"] for line in handle}
     assert not corpora & {text for p in pairs for text in (p["query"], p["document"])}
+
+
+def test_students_with_one_encoder_run_it_once_and_keep_their_own_heads(tmp_path):
+    import torch
+    from tiny_models import tiny_student
+
+    from distill.pooled import pooled_states
+    from pipeline.evaluate import StudentHeads
+
+    init, tokenizer = tiny_student("bert", tmp_path)
+    trained, _ = tiny_student("bert", tmp_path / "again")  # the same encoder weights
+    with torch.no_grad():
+        trained.heads["fc1"].weight.mul_(-2.0)  # stage 1 trained FC1 only
+    texts = ["the cat sat on the mat", "a dog", "far away the small red photo of a big blue dog"]
+    states: dict = {}
+    first = StudentHeads(init, tokenizer, batch_size=2, states=states).vectors(texts)
+    trained.text_encoder.forward = lambda *a, **k: pytest.fail("the shared encoder ran again")
+    second = StudentHeads(trained, tokenizer, batch_size=2, states=states).vectors(texts)
+    # by hand: each text alone through the encoder, then the trained heads
+    alone = torch.cat([pooled_states(init, tokenizer, [text]) for text in texts])
+    with torch.no_grad():
+        for head, layer in trained.heads.items():
+            np.testing.assert_allclose(second[head], layer(alone).numpy(), atol=1e-5)
+    np.testing.assert_allclose(second["fc1"], -2.0 * first["fc1"] + 3.0 * init.heads["fc1"].bias.detach().numpy(),
+                               atol=1e-5)

@@ -20,7 +20,7 @@ from embed_cache.store import TargetStore
 from embed_cache.teachers import PRESETS, model_location
 from pipeline.evaluate import image_caption_retrieval
 
-EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "emoji"
+EMOJI = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "emoji"  # shipped with the demo
 
 
 @pytest.fixture(autouse=True)
