@@ -99,14 +99,7 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
-    pooled = None
-    if stage == 1:  # encodes on the device the stage trains on
-        model.to(accelerator.device)
-    if stage == 1 and config.stage1_pooled:
-        pooled = PooledRows.encode(model, tokenizer, open_store(config), training_shards(config, saved),
-                                   config.max_length)
-    if stage == 1 and init_from is None and saved is None:
-        fit_initial_heads(config, model, tokenizer, pooled)
+    pooled = start_stage1(config, model, tokenizer, accelerator, saved, init_from) if stage == 1 else None
     if config.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -201,6 +194,20 @@ def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resum
         tokenizer.save_pretrained(architecture)
     accelerator.wait_for_everyone()
     return model, tokenizer
+
+
+def start_stage1(config: TrainConfig, model: JasperStudent, tokenizer, accelerator: Accelerator, saved: dict | None,
+                 init_from) -> PooledRows | None:
+    """On the stage's device: the rows' pooled states, encoded once (`stage1_pooled`), and on a fresh
+    start from the text encoder the heads' least-squares fit (`fc1_init: lstsq`)."""
+    model.to(accelerator.device)
+    pooled = None
+    if config.stage1_pooled:
+        pooled = PooledRows.encode(model, tokenizer, open_store(config), training_shards(config, saved),
+                                   config.max_length)
+    if init_from is None and saved is None:
+        fit_initial_heads(config, model, tokenizer, pooled)
+    return pooled
 
 
 def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
