@@ -36,7 +36,7 @@ def measure(n_texts: int = 2000, model: str = "minilm", batch_tokens: int = 1638
         source = Path(tmp) / "texts.jsonl"
         source.write_text("".join(json.dumps({"text": t}) + "\n" for t in glosses(n_texts)))
         config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=[spec], total=n_texts,
-                               out=f"{tmp}/store.zarr", augment=AugmentSpec(0.0, 1, 10, 0.0))
+                               out=f"{tmp}/store.zarr", augment=AugmentSpec.none())
         prepare(config, log=lambda *_: None)
         store = TargetStore.open(config.out, mode="r+")
         texts = store.read_texts(0, store.n_rows)

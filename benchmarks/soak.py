@@ -57,7 +57,7 @@ def prepared(root: Path, name: str, teacher: TeacherSpec, texts: list[str]) -> s
         source.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
     config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=[teacher], total=len(texts),
                            out=str(root / name), shard_rows=16, chunk_rows=16,
-                           augment=AugmentSpec(0.0, 1, 10, 0.0))
+                           augment=AugmentSpec.none())
     prepare(config, log=lambda *_: None)
     return config.out
 

@@ -38,7 +38,7 @@ def demo_store(folder: Path, rows: int) -> str:
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in glosses(rows)), encoding="utf-8")
     teachers = [PRESETS["mpnet"], PRESETS["minilm"]]
     config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=rows,
-                           out=str(folder / "store.zarr"), augment=AugmentSpec(0.0, 1, 10, 0.0))
+                           out=str(folder / "store.zarr"), augment=AugmentSpec.none())
     prepare(config, log=lambda *_: None)
     store = TargetStore.open(config.out, mode="r+")
     rng = np.random.default_rng(0)

@@ -136,7 +136,7 @@ def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], 
         source.write_text("".join(json.dumps({"text": c}) + "\n" for c in unique), encoding="utf-8")
         prepare(PrepareConfig(
             sources=[SourceSpec(path=str(source))], teachers=[spec], total=len(unique), out=str(url),
-            augment=AugmentSpec(split_rate=0.0, shuffle_rate=0.0), overwrite=True,
+            augment=AugmentSpec.none(), overwrite=True,
         ), log=lambda *_: None)
     store = TargetStore.open(url, mode="r+", teacher=spec)
     was_training = model.training

@@ -65,6 +65,11 @@ class AugmentSpec:
     max_sentences: int = 10
     shuffle_rate: float = 0.0008
 
+    @classmethod
+    def none(cls) -> "AugmentSpec":
+        """Every text exactly as given: no splits, no shuffles."""
+        return cls(split_rate=0.0, shuffle_rate=0.0)
+
 
 @dataclass
 class PrepareConfig:

@@ -95,6 +95,13 @@ def load_pipeline_config(preset: str | None = "demo", path: str | Path | None = 
         data["out"] = out
     data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: Path(data.get("out", "runs/demo")).resolve() / TINY_MODELS})
     config = from_mapping(PipelineConfig, data, where=str(path or f"preset {preset}"))
+    for key in ("seed", "name"):  # the pipeline's own, passed down: a different train.<key> would be lost
+        given = (data.get("train") or {}).get(key)
+        if given is not None and given != getattr(config, key):
+            raise CacheError(
+                f"train.{key}={given!r} but {key}={getattr(config, key)!r}: the pipeline trains with its own "
+                f"`{key}`; set `{key}: {given!r}` at the top level instead (--set {key}={given}), or drop train.{key}."
+            )
     return fill_derived(config)
 
 

@@ -136,7 +136,7 @@ def heldout_config(config: PipelineConfig) -> PrepareConfig:
     return PrepareConfig(
         sources=[SourceSpec(path=str(path), text_field=config.evaluation.fidelity_field)],
         teachers=config.cache.teachers, total=count, out=str(Path(config.out) / HELDOUT_STORE), seed=config.seed,
-        augment=AugmentSpec(split_rate=0.0, shuffle_rate=0.0), shard_rows=1024, chunk_rows=64, overwrite=True,
+        augment=AugmentSpec.none(), shard_rows=1024, chunk_rows=64, overwrite=True,
     )
 
 

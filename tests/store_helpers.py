@@ -11,7 +11,7 @@ TEACHERS = [
     TeacherSpec(name="big", model="local/big", dim=64),
     TeacherSpec(name="small", model="local/small", dim=32),
 ]
-NO_AUGMENT = AugmentSpec(split_rate=0.0, shuffle_rate=0.0)
+NO_AUGMENT = AugmentSpec.none()
 
 
 def write_jsonl(path, texts, field="text"):

@@ -25,7 +25,7 @@ from embed_cache.verify import verify_store
 from pipeline.tiny import save_teacher
 
 GLOSSES = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
-NO_AUGMENT = AugmentSpec(split_rate=0.0, shuffle_rate=0.0)
+NO_AUGMENT = AugmentSpec.none()
 # Identical numbers across runs and process counts need the same thread count everywhere.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

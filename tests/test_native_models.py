@@ -306,7 +306,7 @@ def test_jasper_cache_build_runs_both_paper_teachers_on_lookalikes(nvembed, stel
     source = write_jsonl(tmp_path / "corpus.jsonl", [f"text {i}: {TEXTS[i % len(TEXTS)]}" for i in range(24)])
     config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=24,
                            out=str(tmp_path / "store.zarr"), shard_rows=8, chunk_rows=8,
-                           augment=AugmentSpec(split_rate=0.0, shuffle_rate=0.0))
+                           augment=AugmentSpec.none())
     prepare(config, log=lambda *_: None)
     for name in ("nv-embed", "stella"):
         result = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", config.out, "--teacher", name],

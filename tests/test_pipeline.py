@@ -149,6 +149,12 @@ def test_config_layers_preset_file_overrides_and_flags(tmp_path):
         load_pipeline_config("huge")
     with pytest.raises(CacheError, match="stages="):
         load_pipeline_config("tiny", overrides=["stages=[3, 1]"])
+    # the pipeline's seed and name go to training; a different one set there is an error, not lost
+    with pytest.raises(CacheError, match=r"train.seed=7 but seed=0: .*--set seed=7"):
+        load_pipeline_config("tiny", overrides=["train.seed=7"])
+    with pytest.raises(CacheError, match=r"train.name='mine' but name='tiny'"):
+        load_pipeline_config("tiny", overrides=["train.name=mine"])
+    assert load_pipeline_config("tiny", overrides=["seed=7", "train.seed=7"]).train.seed == 7
     demo = load_pipeline_config()  # the embedded default
     assert demo.name == "demo" and demo.cache.teachers == ["mpnet", "minilm"]
     assert demo.train.student.head_dims == [1152, 512, 256, 128]

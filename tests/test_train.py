@@ -281,7 +281,7 @@ def test_training_beside_a_running_build_reads_only_shards_every_teacher_finishe
     source = write_jsonl(tmp_path / "corpus.jsonl", word_texts(4096))  # 256 shards: the build outlasts training
     url = str(tmp_path / "store.zarr")
     prepare(PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=[big, small], total=4096, out=url,
-                          shard_rows=16, chunk_rows=16, augment=AugmentSpec(0.0, 1, 10, 0.0)), log=lambda *_: None)
+                          shard_rows=16, chunk_rows=16, augment=AugmentSpec.none()), log=lambda *_: None)
     fill(TargetStore.open(url, mode="r+"), "small")
     builder = subprocess.Popen([sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", "big",
                                 "--batch-tokens", "64"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

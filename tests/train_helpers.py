@@ -30,7 +30,7 @@ def word_store(folder, n=256, shard_rows=64, chunk_rows=16, shards=None) -> Targ
     source = write_jsonl(folder / "corpus.jsonl", word_texts(n))
     config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=TEACHERS, total=n,
                            out=str(folder / "store.zarr"), shard_rows=shard_rows, chunk_rows=chunk_rows,
-                           augment=AugmentSpec(split_rate=0.0, shuffle_rate=0.0))
+                           augment=AugmentSpec.none())
     prepare(config, log=lambda *_: None)
     store = TargetStore.open(config.out, mode="r+")
     for teacher in TEACHERS:
