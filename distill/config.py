@@ -27,6 +27,7 @@ import yaml
 
 from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
 from distill.stages import STAGES
+from embed_cache.files import write_atomic
 from embed_cache.config import from_mapping, load_yaml
 from embed_cache.errors import CacheError
 
@@ -213,6 +214,4 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON next to `path` then rename over it: a reader sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))

@@ -47,6 +47,7 @@ from distill.images import ImageBatches, build_caption_targets, load_pairs, pair
 from distill.model import JasperConfig, JasperStudent, build_student
 from distill.pooled import PooledRows, pooled_states
 from distill.stages import STAGES, StageSpec, stage_loss
+from embed_cache.files import write_atomic
 from embed_cache.config import check_name, check_written_path
 from embed_cache.store import TargetStore
 from embed_cache.teachers import local_model
@@ -434,9 +435,7 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_step(line) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _logged_step(line: str) -> float:

@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import CacheError
+from embed_cache.files import write_atomic
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
@@ -101,10 +102,7 @@ class BuildLock:
     def _overwrite(self, data: bytes) -> None:
         """Replace the lock's content so that no reader ever sees a torn record."""
         if isinstance(self.fs, LocalFileSystem):
-            temporary = f"{self.path}.{self.token}.tmp"
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-            os.replace(temporary, self.path)
+            write_atomic(self.path, data)
         else:
             self.fs.pipe_file(self.path, data)  # object PUTs replace whole objects
 

@@ -18,7 +18,6 @@ other Zarr v3 reader keep reading what this writes.
 from __future__ import annotations
 
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import CacheError
+from embed_cache.files import write_atomic
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4
@@ -106,10 +106,7 @@ class ShardFiles:
             return
         path = self._local_root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as file:
-            file.write(memoryview(data))
-        os.replace(tmp, path)  # a killed writer leaves a stray temp file, never a torn object
+        write_atomic(path, memoryview(data))  # a killed writer leaves a stray temp file, never a torn object
 
     # ------------------------------------------------------------------ read
     def read(self, start: int, stop: int, blocks: range, out: np.ndarray) -> None:

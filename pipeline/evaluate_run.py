@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from distill.images import load_pairs, text_fingerprint
 from distill.model import JasperStudent
 from distill.train import FINAL_DIR, initial_student, stage_dir
+from embed_cache.files import write_atomic
 from embed_cache.store import TargetStore
 from embed_cache.teachers import load_teacher, prepare_texts, resolve_teacher
 from pipeline.config import PipelineConfig
@@ -45,9 +46,7 @@ def read_results(out: Path) -> dict:
 
 
 def save_results(out: Path, results: dict) -> None:
-    tmp = out / f".{EVAL_FILE}.tmp"
-    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    tmp.replace(out / EVAL_FILE)
+    write_atomic(out / EVAL_FILE, json.dumps(results, indent=1))
 
 
 def evaluate_run(config: PipelineConfig, log=print) -> dict:

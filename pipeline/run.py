@@ -35,6 +35,7 @@ from accelerate.state import AcceleratorState
 from distill.images import load_pairs
 from distill.train import FINAL_DIR, stage_dir
 from distill.train import run as train_stage
+from embed_cache.files import write_atomic
 from embed_cache.build import build
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
@@ -162,9 +163,7 @@ def split_pairs(config: PipelineConfig, out: Path) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         entries = [{"file": str(folder / pairs[i].file), "caption": pairs[i].caption} for i in sorted(rows)]
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, indent=0), encoding="utf-8")
-        tmp.replace(target)
+        write_atomic(target, json.dumps(entries, indent=0))
 
 
 def run_stage(config: PipelineConfig, stage: int) -> None:

@@ -18,7 +18,6 @@ from store_helpers import write_jsonl
 from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model
 
 from distill.model import JasperStudent, build_student, image_inputs
-from embed_cache.build import build
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.native import mean_pool
