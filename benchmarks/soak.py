@@ -271,6 +271,10 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
                 if not (cfg.parent / "run" / f"stage{stage}" / "final").exists() and launch(cfg, stage).wait() != 0:
                     raise AssertionError(f"seed {seed}: stage {stage} of {cfg.parent.name} failed (run it by hand)")
 
+        def compare(cfg: Path) -> list[str]:
+            return [f"{cfg.parent.name}: {difference}" for stage in STAGES for difference in differences(
+                straight.parent / "run" / f"stage{stage}", cfg.parent / "run" / f"stage{stage}", stage)]
+
         straight = config("straight")
         finish(straight)
         forced, by_window, found = list(FORCED), {w: 0 for w in (*FORCED, BETWEEN)}, []
@@ -279,8 +283,7 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
         while landed < kills or forced:
             stage = next((s for s in STAGES if not (cfg.parent / "run" / f"stage{s}" / "final").exists()), None)
             if stage is None:  # this run finished: compare it, then a fresh one
-                found += [f"{cfg.parent.name}: {d}" for s in STAGES for d in differences(
-                    straight.parent / "run" / f"stage{s}", cfg.parent / "run" / f"stage{s}", s)]
+                found += compare(cfg)
                 runs += 1
                 cfg = config(f"killed{runs}")
                 continue
@@ -297,8 +300,12 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
                 time.sleep(rng.uniform(0.0, 0.15))
                 if process.poll() is None:
                     process.send_signal(signal.SIGKILL)
-            if process.wait() != -signal.SIGKILL:
-                continue  # it finished first
+            code = process.wait()
+            if code not in (0, -signal.SIGKILL):
+                raise AssertionError(f"seed {seed}: stage {stage} of {cfg.parent.name} exited with {code} "
+                                     "(run it by hand for the message)")
+            if code == 0:
+                continue  # it finished before the kill
             landed += 1
             left = window_left(stage_dir, stage, before)
             by_window[left] += 1
@@ -310,8 +317,7 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
             if newest is not None:
                 checkpoint.verify(newest)  # raises if a kill left a damaged checkpoint in place
         finish(cfg)
-        found += [f"{cfg.parent.name}: {d}" for s in STAGES for d in differences(
-            straight.parent / "run" / f"stage{s}", cfg.parent / "run" / f"stage{s}", s)]
+        found += compare(cfg)
     result = {"seed": seed, "kills": landed, "kills by window": by_window, "runs compared": runs + 1,
               "differences": found, "identical to uninterrupted": not found}
     log(result)
