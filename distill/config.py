@@ -27,9 +27,9 @@ import yaml
 
 from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
 from distill.stages import STAGES
-from embed_cache.files import write_atomic
 from embed_cache.config import from_mapping, load_yaml
 from embed_cache.errors import CacheError
+from embed_cache.files import write_atomic
 
 
 class DistillError(CacheError):

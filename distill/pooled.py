@@ -6,9 +6,10 @@ mean-pooled state is then the same at every step, so encoding each usable row of
 and training FC1 on those states gives the same steps as encoding every batch again, for the cost
 of one pass over the store instead of one per step: an epoch of stage 1 becomes a few matrix
 products. The two paths differ only in floating-point rounding (a text is padded with different
-neighbours; under bf16 the states are encoded before accelerate's autocast, so in float32). Worth it when the stage sees each row more than once (steps x batch > rows); the
-states live in memory on every process (rows x hidden x 4 bytes: the demo's 6,000 x 384 take
-9 MB; the paper's 8M rows x 1536 would take 49 GB, so there it stays off).
+neighbours; under bf16 the states are encoded before accelerate's autocast, so in float32).
+Worth it when the stage sees each row more than once (steps x batch > rows); the states live in
+memory on every process (rows x hidden x 4 bytes: the demo's 6,000 x 384 take 9 MB; the paper's
+8M rows x 1536 would take 49 GB, so there it stays off).
 
 Example::
 

@@ -47,8 +47,8 @@ from distill.images import ImageBatches, build_caption_targets, load_pairs, pair
 from distill.model import JasperConfig, JasperStudent, build_student
 from distill.pooled import PooledRows, pooled_states
 from distill.stages import STAGES, StageSpec, stage_loss
-from embed_cache.files import write_atomic
 from embed_cache.config import check_name, check_written_path
+from embed_cache.files import write_atomic
 from embed_cache.store import TargetStore
 from embed_cache.teachers import local_model
 
@@ -204,8 +204,8 @@ def start_stage1(config: TrainConfig, model: JasperStudent, tokenizer, accelerat
     model.to(accelerator.device)
     pooled = None
     if config.stage1_pooled:
-        pooled = PooledRows.encode(model, tokenizer, open_store(config), training_shards(config, saved),
-                                   config.max_length)
+        store = open_store(config)
+        pooled = PooledRows.encode(model, tokenizer, store, training_shards(store, config, saved), config.max_length)
     if init_from is None and saved is None:
         fit_initial_heads(config, model, tokenizer, pooled)
     return pooled
@@ -252,9 +252,8 @@ def open_store(config: TrainConfig) -> TargetStore:
     return TargetStore.open(config.store, storage_options=config.storage_options)
 
 
-def training_shards(config: TrainConfig, saved: dict | None) -> list[int]:
+def training_shards(store: TargetStore, config: TrainConfig, saved: dict | None) -> list[int]:
     """The shards a stage trains on: those its checkpoint recorded, else the store's usable ones."""
-    store = open_store(config)
     shards = (saved or {}).get("sampler", {}).get("shards") or usable_shards(store, config.allow_partial)
     missing = sorted(set(shards) - set(store.complete_shards()))
     if missing:
@@ -295,7 +294,7 @@ def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, 
                 f"the store's targets are {store.dim}-d but FC1 is {model.config.head_dims[0]}-d: set "
                 f"student.head_dims[0] to {store.dim} (FC1 learns the whole target)."
             )
-        shards = training_shards(config, saved)
+        shards = training_shards(store, config, saved)
         plan = BlockPlan(store_blocks(store, shards, config.block_chunks), settings.batch_size, config.seed,
                          config.shuffle_blocks, rank, world)
         dataset = lambda epoch, start: StoreBatches(  # noqa: E731

@@ -31,7 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import CacheError
-from embed_cache.files import write_atomic
+from .files import write_atomic
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4

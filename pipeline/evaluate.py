@@ -142,17 +142,12 @@ class StudentHeads:
         self.batch_size, self.max_length = batch_size, max_length
         self.encoder = weights_fingerprint(model.text_encoder)
         self.states = states if states is not None else {}
-        self._memo: dict[tuple, dict[str, np.ndarray]] = {}
 
     def vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
-        key = tuple(texts)
-        if key not in self._memo:
-            shared = (self.encoder, self.max_length, key)
-            if shared not in self.states:
-                self.states[shared] = pooled_states(self.model, self.tokenizer, list(texts), self.batch_size,
-                                                    self.max_length)
-            self._memo[key] = student_vectors(self.model, self.tokenizer, list(texts), states=self.states[shared])
-        return self._memo[key]
+        key = (self.encoder, self.max_length, tuple(texts))
+        if key not in self.states:
+            self.states[key] = pooled_states(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length)
+        return student_vectors(self.model, self.tokenizer, list(texts), states=self.states[key])
 
     def encoder_of(self, head: str) -> TextEncoder:
         return lambda texts: self.vectors(texts)[head]
