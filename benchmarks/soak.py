@@ -35,8 +35,8 @@ import numpy as np
 
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
+from embed_cache.spec import TeacherSpec
 from embed_cache.store import TargetStore
-from embed_cache.teachers import TeacherSpec
 from embed_cache.verify import verify_store
 
 ROOT = Path(__file__).resolve().parents[1]

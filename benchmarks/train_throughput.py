@@ -28,8 +28,9 @@ from distill.config import TrainConfig
 from distill.train import run
 from embed_cache.config import from_mapping
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.spec import PRESETS
 from embed_cache.store import TargetStore
-from embed_cache.teachers import PRESETS, model_location
+from embed_cache.teachers import model_location
 
 
 def demo_store(folder: Path, rows: int) -> str:

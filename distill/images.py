@@ -34,8 +34,8 @@ from distill.data import BlockPlan, WindowedBatches
 from distill.model import JasperStudent, image_inputs
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
+from embed_cache.spec import TeacherSpec
 from embed_cache.store import TargetStore
-from embed_cache.teachers import TeacherSpec
 
 CAPTION_TEACHER = "student"
 SIGLIP_MEAN = SIGLIP_STD = 0.5

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from .errors import CacheError
 from .lock import BuildLock
+from .spec import TeacherSpec
 from .store import TargetStore
-from .teachers import TeacherSpec, autocast_dtype, load_teacher, prepare_texts
+from .teachers import autocast_dtype, load_teacher, prepare_texts
 
 
 @dataclass

@@ -1,23 +1,21 @@
-"""`jasper-cache`: prepare a corpus into a store, inspect it, verify it, look texts up."""
+"""`jasper-cache`: prepare a corpus into a store, inspect it, verify it, look texts up.
+
+Each command imports what it needs when it runs (torch for `build`, pyarrow for `prepare`, zarr for
+the rest), so `--help`, `status` and `lookup` answer in well under a second.
+"""
 
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .build import build
 from .config import from_mapping, load_yaml
-from .corpus import PrepareConfig, prepare
 from .errors import run_cli
-from .hashing import text_key
-from .store import TargetStore
-from .teachers import resolve_teacher
-from .verify import invalidate, verify_store
+from .spec import resolve_teacher
 
 app = typer.Typer(
     help="Phase 1 of Jasper distillation: teacher targets in a Zarr store keyed by text hash.",
@@ -43,6 +41,8 @@ def prepare_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out (its vectors are lost)."),
 ):
     """Read, mix, augment, deduplicate and shuffle the corpus; write keys and texts to a new store."""
+    from .corpus import PrepareConfig, prepare
+
     data = load_yaml(config)
     flags = {"out": out, "total": total, "seed": seed, "shard_rows": shard_rows, "chunk_rows": chunk_rows}
     data.update({key: value for key, value in flags.items() if value is not None})
@@ -81,6 +81,8 @@ def build_command(
     force_unlock: bool = typer.Option(False, "--force-unlock", help="Take the teacher's build lock from a builder that died on another machine."),
 ):
     """Run one teacher over every pending shard; rerun to resume. Works under torchrun/accelerate launch."""
+    from .build import build
+
     data = load_yaml(config) if config else {}
     flags = {"store": store, "teacher": teacher, "dim": dim, "batch_tokens": batch_tokens, "device": device}
     data.update({key: value for key, value in flags.items() if value is not None})
@@ -105,6 +107,10 @@ def build_command(
 @app.command("status")
 def status_command(store_url: str = typer.Argument(..., metavar="STORE", help="Store path or fsspec URL.")):
     """Table of teachers x shards done, rows, bytes and which shards are pending."""
+    import numpy as np
+
+    from .store import TargetStore
+
     store = TargetStore.open(store_url)
     table = Table(title=f"{store_url}: {store.n_rows:,} rows x {store.dim} dims, {store.n_shards} shards of {store.shard_rows}")
     for name in ("teacher", "model", "columns", "shards done", "rows done", "bytes", "pending shards"):
@@ -133,6 +139,9 @@ def verify_command(
     ),
 ):
     """Re-read the store: lengths, key<->text hashes, index, chunk checksums, digests, norms."""
+    from .store import TargetStore
+    from .verify import invalidate, verify_store
+
     store = TargetStore.open(store_url, mode="r+" if invalidate_bad else "r")
     report = verify_store(store)
     for problem in report.problems:
@@ -157,6 +166,11 @@ def lookup_command(
     values: int = typer.Option(5, help="How many leading values of each teacher's block to print."),
 ):
     """Find a text by hash: its row, each teacher's completeness, leading values and norms."""
+    import numpy as np
+
+    from .hashing import text_key
+    from .store import TargetStore
+
     store = TargetStore.open(store_url)
     high, low = text_key(text)
     row = int(store.lookup_rows([text])[0])

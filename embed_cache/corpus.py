@@ -12,7 +12,8 @@ Steps, in order (every random draw comes from `seed`, so a prepare is reproducib
 4. Assign rows by a seeded permutation, so any contiguous run of rows is a random sample, and
    write `keys` and `text` shard by shard.
 
-Texts are staged in a temporary Arrow file, so memory holds only the set of seen keys.
+Everything that grows with the corpus lives in a temporary folder (embed_cache.staging), so memory
+stays flat from thousands to a hundred million texts.
 """
 
 import gzip
@@ -25,14 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import check_written_path
 from .errors import CacheError
-from .hashing import text_key
+from .spec import resolve_teacher
+from .staging import ROUND_TEXTS, Candidates, row_order, write_rows
 from .store import TargetStore, check_can_write_new_store
-from .teachers import resolve_teacher
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt", ".cor": "txt"}
 # A sentence ends at . ! ? (or their CJK forms), optionally followed by closing quotes/brackets.
@@ -282,34 +282,29 @@ def quotas(total: int, weights: list[float]) -> list[int]:
 
 
 # ---------------------------------------------------------------------- prepare
-class _Staging:
-    """Appends texts to a temporary Arrow IPC file; reads them back memory-mapped."""
-
-    _schema = pa.schema([("text", pa.large_string())])
-
-    def __init__(self, directory: str):
-        self.path = Path(directory) / "texts.arrow"
-        self._writer = pa.ipc.new_file(str(self.path), self._schema)
-        self._pending: list[str] = []
-
-    def add(self, text: str) -> None:
-        self._pending.append(text)
-        if len(self._pending) >= 65536:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.table({"text": pa.array(self._pending, pa.large_string())}))
-            self._pending = []
-
-    def read(self) -> pa.ChunkedArray:
-        self._flush()
-        self._writer.close()
-        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().column("text")
+def candidate_texts(source: SourceSpec, spec: AugmentSpec, rng: np.random.Generator,
+                    report: SourceReport) -> Iterator[str]:
+    """The non-empty texts a source offers, in order, after augmentation. The report's counts
+    cover exactly what has been read so far, so stopping the iterator stops them too."""
+    for record in read_documents(source, report):
+        for document in record:
+            report.documents += 1
+            if not document.strip():
+                report.dropped_empty += 1
+                continue
+            for text in augment(document, spec, rng, report):
+                if text.strip():
+                    yield text
+                else:
+                    report.dropped_empty += 1
 
 
 def prepare(config: PrepareConfig, log=print) -> dict:
-    """Build a new store's keys and texts from `config`; returns the report it also stores."""
+    """Build a new store's keys and texts from `config`; returns the report it also stores.
+
+    Memory stays flat as `total` grows (embed_cache.staging); the temp folder holds about twice
+    the corpus's text bytes while it runs.
+    """
     if config.out is None:
         raise CacheError("no output store given: pass --out PATH or set `out:` in the config.")
     check_written_path(config.out, "out")
@@ -322,56 +317,38 @@ def prepare(config: PrepareConfig, log=print) -> dict:
     started = time.perf_counter()
     seeds = np.random.SeedSequence(config.seed).spawn(len(config.sources) + 1)
     shares = quotas(config.total, [s.weight for s in config.sources])
-    reports, seen, key_words = [], set(), []
+    reports = []
 
     with tempfile.TemporaryDirectory(prefix="jasper-prepare-") as tmp:
-        staging = _Staging(tmp)
+        candidates = Candidates(Path(tmp))
         for source, share, seed in zip(config.sources, shares, seeds):
             report = SourceReport(source.label, share)
             reports.append(report)
-            rng = np.random.default_rng(seed)
-            for record in read_documents(source, report):
-                if report.kept >= share:
+            texts = candidate_texts(source, config.augment, np.random.default_rng(seed), report)
+            while report.kept < share:
+                offered = candidates.offered
+                # Asking for no more than the source still needs means reading stops right after
+                # its last kept text, wherever the rounds fall.
+                report.kept += candidates.offer(texts, min(share - report.kept, ROUND_TEXTS))
+                if candidates.offered == offered:
+                    log(f"warning: {source.label} ran out after {report.kept} of its {share} texts.")
                     break
-                for document in record:
-                    report.documents += 1
-                    if not document.strip():
-                        report.dropped_empty += 1
-                        continue
-                    for text in augment(document, config.augment, rng, report):
-                        if report.kept >= share:
-                            break
-                        if not text.strip():
-                            report.dropped_empty += 1
-                            continue
-                        key = text_key(text)
-                        if key in seen:
-                            report.duplicates += 1
-                            continue
-                        seen.add(key)
-                        key_words.append(key)
-                        staging.add(text)
-                        report.kept += 1
-            if report.kept < share:
-                log(f"warning: {source.label} ran out after {report.kept} of its {share} texts.")
+                report.duplicates += candidates.offered - offered
+            report.duplicates -= report.kept
+        candidates.close()
 
-        n_rows = len(key_words)
+        n_rows = candidates.kept
         if n_rows == 0:
             raise CacheError(
                 "the corpus is empty after dropping empty and duplicate texts: check the "
                 "sources' paths and `text_field:`."
             )
-        keys = np.array(key_words, dtype=np.uint64)
-        texts = staging.read()
-        order = np.random.default_rng(seeds[-1]).permutation(n_rows)
         store = TargetStore.create(
             config.out, teachers, n_rows, config.shard_rows, config.chunk_rows,
             config.compression, config.overwrite, config.storage_options,
         )
-        for shard in range(store.n_shards):
-            start, stop = store.shard_range(shard)
-            rows = order[start:stop]
-            store.write_texts(shard, texts.take(pa.array(rows)).to_pylist(), keys[rows])
+        order = row_order(n_rows, seeds[-1], Path(tmp))
+        write_rows(candidates, order, n_rows, config.shard_rows, store.write_texts, Path(tmp))
         report = {
             "seed": config.seed,
             "total_requested": config.total,
@@ -381,5 +358,4 @@ def prepare(config: PrepareConfig, log=print) -> dict:
             "seconds": round(time.perf_counter() - started, 2),
         }
         store.finish_prepare(report)
-        del texts  # release the memory map before the temp dir goes
     return report

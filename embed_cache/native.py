@@ -23,15 +23,11 @@ import torch
 from torch import nn
 
 from .errors import CacheError
+from .spec import ATTENTION_MODES
 
 if TYPE_CHECKING:  # transformers is imported where a model is built: the CLIs start fast without it
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-ATTENTION_MODES = ("bidirectional", "causal")
-EOS_MODES = ("none", "text", "token")  # see TeacherSpec.eos
-# What the released stella_en_1.5B_v5 does (the evidence is in embed_cache/stella.py and the README).
-STELLA_ATTENTION = "bidirectional"
-STELLA_EOS = "token"
 
 
 def set_attention(model: PreTrainedModel, mode: str) -> None:

@@ -29,8 +29,17 @@ from transformers import Qwen2Config, Qwen2Model
 from transformers.initialization import no_init_weights
 
 from .errors import CacheError
-from .native import (STELLA_ATTENTION, STELLA_EOS, NativeEncoder, default_dtype, dense_folders, load_tokenizer,
-                     mean_pool, read_config, read_modules, set_attention)
+from .native import (
+    NativeEncoder,
+    default_dtype,
+    dense_folders,
+    load_tokenizer,
+    mean_pool,
+    read_config,
+    read_modules,
+    set_attention,
+)
+from .spec import STELLA_ATTENTION, STELLA_EOS
 from .weights import load_modules_strict, read_checkpoint
 
 

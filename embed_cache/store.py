@@ -8,6 +8,7 @@ Layout (all paths relative, so a store can be copied, mounted elsewhere or read 
     text     (N,)   str     the exact text every teacher embeds
     targets  (N, D) float16 teacher t owns columns [start, stop); D = sum of teacher dims
     index/keys (N, 2), index/rows (N,)   keys sorted, and the row each came from (lookup)
+    index/fences (C,)                    first high word of each index chunk (embed_cache.index)
     done/<teacher> (S, 2) uint64         per shard: [rows written, xxh3-64 of the bytes written]
 
 `targets` is sharded: a Zarr shard is (shard_rows x column_block) and is the unit a writer writes
@@ -30,9 +31,10 @@ import zarr.codecs
 import zarr.storage
 
 from .errors import CacheError
-from .hashing import HASH_ALGORITHM, text_key
+from .hashing import HASH_ALGORITHM, text_keys
+from .index import IndexReader, build_index
 from .shards import ShardFiles
-from .teachers import TeacherSpec
+from .spec import TeacherSpec
 
 FORMAT_VERSION = 1
 NORMALISATION = "row = concat_t(normalize(v_t) / sqrt(k)) for k teachers; complete rows have norm 1"
@@ -267,14 +269,7 @@ class TargetStore:
 
     def finish_prepare(self, report: dict) -> None:
         """Build the lookup index and mark the store usable. Called once, last."""
-        keys = self.group["keys"][:]
-        order = np.lexsort((keys[:, 1], keys[:, 0]))
-        self.group.create_array(
-            "index/keys", data=keys[order], chunks=(max(self.shard_rows, 65536), 2)
-        )
-        self.group.create_array(
-            "index/rows", data=order.astype(np.int64), chunks=(max(self.shard_rows, 65536),)
-        )
+        build_index(self.group, self.group["keys"])
         self.group.attrs.update({"prepare": report, "prepared": True})
 
     # ------------------------------------------------------------------ teacher writes
@@ -377,23 +372,13 @@ class TargetStore:
         return self.read_texts(start, stop), targets
 
     @cached_property
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.group["index/keys"][:], self.group["index/rows"][:]
+    def _index(self) -> IndexReader:
+        return IndexReader(self.group)
 
     def lookup_rows(self, texts: list[str]) -> np.ndarray:
-        """Row of each text (by key), -1 where the store does not hold it. O(log N) per text."""
-        sorted_keys, rows = self._index
-        out = np.full(len(texts), -1, dtype=np.int64)
-        for i, text in enumerate(texts):
-            high, low = text_key(text)
-            left = np.searchsorted(sorted_keys[:, 0], np.uint64(high), side="left")
-            right = np.searchsorted(sorted_keys[:, 0], np.uint64(high), side="right")
-            # equal high words are astronomically rare, so this range is 0 or 1 long
-            for position in range(left, right):
-                if sorted_keys[position, 1] == low:
-                    out[i] = rows[position]
-                    break
-        return out
+        """Row of each text (by key), -1 where the store does not hold it. Reads only the index
+        chunks the texts fall in, each once, however many texts are asked for."""
+        return self._index.rows_of(text_keys(texts))
 
     def vectors_for(self, texts: list[str]) -> np.ndarray:
         """Targets of texts looked up by hash; an error naming the texts the store lacks."""

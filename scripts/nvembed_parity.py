@@ -109,10 +109,12 @@ def reference(code: Path, model: Path, out: Path) -> None:
 
 def check(model: Path, reference_file: Path, min_cosine: float = 0.9999) -> float:
     """Encode the reference's texts natively; return the min cosine (raises on a mismatch)."""
+    from dataclasses import replace
+
     import numpy as np
 
-    from embed_cache.teachers import PRESETS, load_teacher, prepare_texts
-    from dataclasses import replace
+    from embed_cache.spec import PRESETS
+    from embed_cache.teachers import load_teacher, prepare_texts
 
     expected = json.loads(reference_file.read_text(encoding="utf-8"))
     worst = 1.0

@@ -19,8 +19,9 @@ from benchmarks.soak import soak_build
 from embed_cache.build import ShardEncoder, build, token_budget_batches
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
+from embed_cache.spec import PRESETS, TeacherSpec
 from embed_cache.store import TargetStore
-from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, model_location
+from embed_cache.teachers import load_teacher, model_location
 from embed_cache.verify import verify_store
 from pipeline.tiny import save_teacher
 

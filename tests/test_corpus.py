@@ -125,6 +125,45 @@ def test_keys_match_texts_and_duplicates_are_dropped(tmp_path):
     assert np.array_equal(store.group["keys"][:], text_keys(stored))
 
 
+def reference_rows(sources_texts, shares, seed):
+    """What prepare must write, computed the plain in-memory way: each source keeps its first
+    `share` texts not kept before (NFC keys), then rows follow numpy's seeded permutation."""
+    kept, seen = [], set()
+    for texts, share in zip(sources_texts, shares):
+        taken = 0
+        for text in texts:
+            key = tuple(text_keys([text])[0])
+            if taken == share or not text.strip() or key in seen:
+                continue
+            seen.add(key)
+            kept.append(text)
+            taken += 1
+    last = np.random.SeedSequence(seed).spawn(len(sources_texts) + 1)[-1]
+    return [kept[i] for i in np.random.default_rng(last).permutation(len(kept))]
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["one-round", "many-rounds-and-buckets"])
+def test_prepare_keeps_first_occurrences_in_numpys_row_order_however_it_is_staged(tmp_path, monkeypatch, small):
+    """Out-of-core prepare: rounds of the duplicate check, buckets of rows and index chunks are
+    memory bounds only; the store is the in-memory reference's, byte for byte."""
+    if small:
+        monkeypatch.setattr("embed_cache.corpus.ROUND_TEXTS", 7)
+        monkeypatch.setattr("embed_cache.staging.BUCKET_BYTES", 3000)
+        monkeypatch.setattr("embed_cache.index.BUCKET_ROWS", 40)
+        monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 16)
+    a = [f"text {i % 150}" for i in range(400)] + ["", "caf\u00e9", "cafe\u0301"]
+    b = [f"text {i}" for i in range(100, 700)]  # 100-149 were kept from a already
+    paths = [write_jsonl(tmp_path / "a.jsonl", a), write_jsonl(tmp_path / "b.jsonl", b)]
+    report, store = run_prepare(tmp_path, [SourceSpec(path=str(path)) for path in paths], 500,
+                                augment=NO_AUGMENT, seed=5, shard_rows=32)
+    expected = reference_rows([a, b], [250, 250], seed=5)
+    assert all_texts(store) == expected
+    assert np.array_equal(store.group["keys"][:], text_keys(expected))
+    assert [source["kept"] for source in report["sources"]] == [151, 250]  # a runs out
+    assert [source["duplicates"] for source in report["sources"]] == [251, 50]
+    assert store.lookup_rows(expected[::7] + ["absent"]).tolist() == list(range(0, len(expected), 7)) + [-1]
+
+
 def test_txt_parquet_gzip_and_list_fields(tmp_path):
     txt = tmp_path / "lines.txt.gz"
     with gzip.open(txt, "wt", encoding="utf-8") as handle:

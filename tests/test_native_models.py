@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lookalikes import (NVEMBED_LATENT, STELLA_DENSE_DIMS, save_nvembed_lookalike, save_siglip_lookalike,
-                        save_stella_lookalike)
+from lookalikes import (
+    NVEMBED_LATENT,
+    STELLA_DENSE_DIMS,
+    save_nvembed_lookalike,
+    save_siglip_lookalike,
+    save_stella_lookalike,
+)
 from safetensors.torch import load_file, save_file
 from store_helpers import write_jsonl
 from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model
@@ -21,8 +26,9 @@ from distill.model import JasperStudent, build_student, image_inputs
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.native import mean_pool
+from embed_cache.spec import PRESETS, TeacherSpec, resolve_teacher
 from embed_cache.store import TargetStore
-from embed_cache.teachers import PRESETS, TeacherSpec, load_teacher, prepare_texts, resolve_teacher
+from embed_cache.teachers import load_teacher, prepare_texts
 from scripts.nvembed_parity import check, folder_digest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed_reference.json"

@@ -13,8 +13,8 @@ from store_helpers import TEACHERS, fill, make_store
 
 from embed_cache.build import build
 from embed_cache.errors import CacheError
+from embed_cache.spec import TeacherSpec
 from embed_cache.store import TargetStore
-from embed_cache.teachers import TeacherSpec
 from embed_cache.verify import verify_store
 from pipeline.tiny import save_teacher
 

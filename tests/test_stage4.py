@@ -16,8 +16,9 @@ from distill.config import DistillError, load_config
 from distill.images import CAPTION_TEACHER, Pair, build_caption_targets, load_pairs
 from distill.model import JasperStudent, build_student
 from distill.train import run
+from embed_cache.spec import PRESETS
 from embed_cache.store import TargetStore
-from embed_cache.teachers import PRESETS, model_location
+from embed_cache.teachers import model_location
 from pipeline.evaluate import image_caption_retrieval
 
 EMOJI = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "emoji"  # shipped with the demo

@@ -6,8 +6,10 @@ import zarr
 from store_helpers import TEACHERS, fake_vectors, fill, make_store
 
 from embed_cache.errors import CacheError
+from embed_cache.hashing import text_keys
+from embed_cache.index import IndexReader, build_index
+from embed_cache.spec import TeacherSpec
 from embed_cache.store import FORMAT_VERSION, TargetStore, column_block
-from embed_cache.teachers import TeacherSpec
 
 
 def test_layout_aligns_chunks_to_teacher_columns(tmp_path):
@@ -72,6 +74,49 @@ def test_lookup_by_text(tmp_path):
     assert np.array_equal(vectors, store.read_targets(0, 100)[[99, 5]])
     with pytest.raises(CacheError, match="1 of 2 texts are not in store"):
         store.vectors_for([texts[0], "missing"])
+
+
+def test_a_lookup_reads_the_fences_and_one_chunk_of_the_index(tmp_path, monkeypatch):
+    monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 16)
+    make_store(tmp_path, n=300)
+    store = TargetStore.open(tmp_path / "store.zarr")
+    texts = store.read_texts(0, store.n_rows)
+    sorted_keys = store.group["index/keys"][:]
+    read = []
+    original = zarr.storage.LocalStore.get
+
+    async def recording_get(self, key, *args, **kwargs):
+        read.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", recording_get)
+    assert store.lookup_rows([texts[123]]).tolist() == [123]
+    position = int(np.flatnonzero((sorted_keys == text_keys([texts[123]])[0]).all(axis=1))[0])
+    chunk = position // 16
+    assert sorted(k for k in read if "/c/" in k) == [
+        "index/fences/c/0", f"index/keys/c/{chunk}/0", f"index/rows/c/{chunk}"]
+    assert store.lookup_rows(texts[::-1] + ["absent"]).tolist() == list(range(299, -1, -1)) + [-1]
+
+
+def test_keys_whose_high_word_repeats_across_an_index_chunk_boundary_are_found(monkeypatch):
+    monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 4)
+    highs = np.array([1, 2, 3, 5, 5, 5, 5, 5, 5, 8, 9], dtype=np.uint64)  # 5 spans chunks 0-2
+    keys = np.stack([highs, np.arange(11, dtype=np.uint64)[::-1].copy()], axis=1)
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    group.create_array("keys", data=keys[::-1].copy(), chunks=(3, 2))  # row r holds keys[10 - r]
+    build_index(group, group["keys"])
+    assert group["index/fences"][:].tolist() == [1, 5, 5]
+    reader = IndexReader(group)
+    assert reader.rows_of(keys).tolist() == list(range(10, -1, -1))
+    assert reader.rows_of(np.array([[5, 99], [4, 0], [0, 0], [10, 0]], dtype=np.uint64)).tolist() == [-1] * 4
+
+
+def test_a_store_indexed_before_fences_still_finds_its_texts(tmp_path):
+    store = make_store(tmp_path)
+    del store.group["index/fences"]
+    reopened = TargetStore.open(tmp_path / "store.zarr")
+    texts = reopened.read_texts(0, 100)
+    assert reopened.lookup_rows([texts[42], texts[0], "absent"]).tolist() == [42, 0, -1]
 
 
 def test_fsspec_memory_store_round_trip(tmp_path):

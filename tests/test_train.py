@@ -272,8 +272,8 @@ def test_training_beside_a_running_build_reads_only_shards_every_teacher_finishe
     from train_helpers import word_texts
 
     from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+    from embed_cache.spec import TeacherSpec
     from embed_cache.store import TargetStore
-    from embed_cache.teachers import TeacherSpec
     from pipeline.tiny import save_teacher
 
     big = TeacherSpec(name="big", model=str(save_teacher(tmp_path / "big", seed=1, out_dim=64)), dim=64)
