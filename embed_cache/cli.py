@@ -115,9 +115,11 @@ def status_command(store_url: str = typer.Argument(..., metavar="STORE", help="S
     table = Table(title=f"{store_url}: {store.n_rows:,} rows x {store.dim} dims, {store.n_shards} shards of {store.shard_rows}")
     for name in ("teacher", "model", "columns", "shards done", "rows done", "bytes", "pending shards"):
         table.add_column(name)
+    complete = np.ones(store.n_shards, dtype=bool)
     for columns in store.teachers:
         records = store.done_records(columns.spec.name)
         done = records[:, 0] > 0
+        complete &= done
         rows = int(records[:, 0].sum())
         table.add_row(
             columns.spec.name, columns.spec.model, f"{columns.start}-{columns.stop - 1}",
@@ -125,8 +127,7 @@ def status_command(store_url: str = typer.Argument(..., metavar="STORE", help="S
             _human_bytes(rows * columns.spec.dim * 2), _ranges(np.flatnonzero(~done).tolist()) or "-",
         )
     console.print(table)
-    complete = store.complete_shards()
-    rows = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in complete)
+    rows = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in np.flatnonzero(complete).tolist())
     console.print(f"complete rows (every teacher done): {rows:,} of {store.n_rows:,}")
 
 
@@ -137,13 +138,15 @@ def verify_command(
     invalidate_bad: bool = typer.Option(
         False, "--invalidate-bad", help="Mark every bad shard pending so the next `build` of its teacher redoes it."
     ),
+    sample: str = typer.Option(None, help="Check a random share of the shards (e.g. 1% or 0.01) instead of all."),
+    seed: int = typer.Option(0, help="Seed of the --sample draw."),
 ):
     """Re-read the store: lengths, key<->text hashes, index, chunk checksums, digests, norms."""
     from .store import TargetStore
     from .verify import invalidate, verify_store
 
     store = TargetStore.open(store_url, mode="r+" if invalidate_bad else "r")
-    report = verify_store(store)
+    report = verify_store(store, sample=_fraction(sample), seed=seed)
     for problem in report.problems:
         console.print(f"[red]problem:[/] {problem}", highlight=False)
     for teacher, pending in report.pending.items():
@@ -155,23 +158,54 @@ def verify_command(
     elif report.bad_shards:
         console.print("fix: rerun with --invalidate-bad, then `jasper-cache build` for the named teachers.")
     ok = report.ok(require_complete)
-    console.print(f"{'OK' if ok else 'FAILED'}: {report.checked_shards} shards checked, {len(report.problems)} problems.")
+    rate = report.checked_rows / max(report.seconds, 1e-9)
+    scope = f"{report.checked_shards} of {store.n_shards} shards (sample, seed {seed})" if sample else f"{report.checked_shards} shards"
+    console.print(f"{'OK' if ok else 'FAILED'}: {scope} checked, {len(report.problems)} problems; "
+                  f"{report.checked_rows:,} rows and {_human_bytes(report.checked_bytes)} of targets in "
+                  f"{report.seconds:.1f} s ({rate:,.0f} rows/s).", highlight=False)
     raise typer.Exit(0 if ok else 1)
+
+
+def _fraction(sample: str | None) -> float | None:
+    if sample is None:
+        return None
+    try:
+        value = float(sample[:-1]) / 100 if sample.endswith("%") else float(sample)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"--sample {sample!r}: give a share of the shards such as 1% or 0.01 (above 0, at most 100%).")
+    return value
 
 
 @app.command("lookup")
 def lookup_command(
     store_url: str = typer.Argument(..., metavar="STORE", help="Store path or fsspec URL."),
-    text: str = typer.Argument(..., help="The exact text (NFC-normalised before hashing)."),
+    text: str = typer.Argument(None, help="The exact text (NFC-normalised before hashing)."),
+    file: Path = typer.Option(None, "--file", "-f", help="Look up many texts: a UTF-8 file with one text per line ('-' for stdin)."),
     values: int = typer.Option(5, help="How many leading values of each teacher's block to print."),
 ):
-    """Find a text by hash: its row, each teacher's completeness, leading values and norms."""
+    """Find a text by hash: its row, each teacher's completeness, leading values and norms.
+
+    With --file, prints `row<TAB>key` per line (row -1 when absent) and exits 1 if any is absent.
+    """
     import numpy as np
 
-    from .hashing import text_key
+    from .hashing import text_key, text_keys
     from .store import TargetStore
 
+    if (text is None) == (file is None):
+        raise typer.BadParameter("give either one TEXT or --file FILE.")
     store = TargetStore.open(store_url)
+    if file is not None:
+        lines = (sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")).splitlines()
+        keys = text_keys(lines)
+        rows = store.rows_of_keys(keys)
+        for row, (high, low) in zip(rows.tolist(), keys.tolist()):
+            print(f"{row}\t{high:016x}{low:016x}")
+        missing = int((rows < 0).sum())
+        Console(stderr=True).print(f"found {len(lines) - missing:,} of {len(lines):,} texts.", highlight=False)
+        raise typer.Exit(1 if missing else 0)
     high, low = text_key(text)
     row = int(store.lookup_rows([text])[0])
     if row < 0:
@@ -181,7 +215,7 @@ def lookup_command(
     console.print(f"row {row} (shard {shard}), key {high:016x}{low:016x}")
     vector = store.read_targets(row, row + 1)[0].astype(np.float32)
     for columns in store.teachers:
-        done = bool(store.done_shards(columns.spec.name)[shard])
+        done = store.shard_done(columns.spec.name, shard)
         block = vector[columns.start:columns.stop]
         head = ", ".join(f"{v:+.4f}" for v in block[:values])
         state = f"norm {np.linalg.norm(block):.4f}  [{head}, ...]" if done else "pending"

@@ -21,8 +21,8 @@ import pyarrow as pa
 from .hashing import text_keys
 from .index import find_sorted
 
-ROUND_TEXTS = 1 << 22  # keys sorted at once for the duplicate check (64 MB of keys)
-BUCKET_BYTES = 128 << 20  # text bytes of one bucket of rows, sorted in memory
+ROUND_TEXTS = 1 << 21  # keys sorted at once for the duplicate check (32 MB of keys)
+BUCKET_BYTES = 64 << 20  # text bytes of one bucket of rows, held in memory to be put in row order
 _BATCH = 65536
 _BLOCK = 1 << 22  # entries of the row-order files handled at once
 _CANDIDATE_SCHEMA = pa.schema([("text", pa.large_string())])
@@ -125,7 +125,7 @@ def row_order(n_rows: int, seed, directory: Path) -> Path:
     order = np.memmap(path, dtype=_row_dtype(n_rows), mode="w+", shape=(n_rows,))
     for start in range(0, n_rows, _BLOCK):
         order[start:start + _BLOCK] = np.arange(start, min(n_rows, start + _BLOCK))
-    np.random.default_rng(seed).shuffle(order)
+    np.random.default_rng(seed).shuffle(order.view(np.ndarray))  # a memmap would swap through Python
     order.flush()
     return path
 
@@ -170,9 +170,12 @@ def write_rows(candidates: Candidates, order: Path, n_rows: int, shard_rows: int
         with pa.OSFile(str(path), "rb") as handle:
             table = pa.ipc.open_stream(handle).read_all()
         path.unlink()
-        table = table.take(pa.array(np.argsort(table.column("row").to_numpy())))
-        keys = np.stack([table.column("high").to_numpy(), table.column("low").to_numpy()], axis=1)
+        order = np.argsort(table.column("row").to_numpy())
+        keys = np.stack([table.column("high").to_numpy(), table.column("low").to_numpy()], axis=1)[order]
+        texts = table.column("text")
         first_shard = number * bucket_rows // shard_rows
         for offset in range(0, table.num_rows, shard_rows):
-            texts = table.column("text").slice(offset, shard_rows).to_pylist()
-            write_shard(first_shard + offset // shard_rows, texts, keys[offset:offset + shard_rows])
+            shard_texts = texts.take(pa.array(order[offset:offset + shard_rows])).to_pylist()
+            write_shard(first_shard + offset // shard_rows, shard_texts, keys[offset:offset + shard_rows])
+        del table, texts
+        pa.default_memory_pool().release_unused()  # mimalloc keeps a bucket's freed pages otherwise

@@ -19,6 +19,7 @@ is its own chunk object written *after* the shard's data, so a killed writer nev
 that reads as done.
 """
 
+import asyncio
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,7 @@ import xxhash
 import zarr
 import zarr.codecs
 import zarr.storage
+from zarr.core.buffer import default_buffer_prototype
 
 from .errors import CacheError
 from .hashing import HASH_ALGORITHM, text_keys
@@ -320,16 +322,21 @@ class TargetStore:
     def done_records(self, teacher: str) -> np.ndarray:
         """(S, 2) [rows, digest] per shard; rows == 0 means not done (unreadable records too)."""
         records = self.group[f"done/{self.columns(teacher).spec.name}"]
+        keys = [records.metadata.encode_chunk_key((shard, 0)) for shard in range(self.n_shards)]
+        prefix = records.path + "/"
+        out = np.zeros((self.n_shards, 2), dtype=np.uint64)
+        for shard, data in enumerate(_get_objects(self.group.store, [prefix + key for key in keys])):
+            if data is not None and len(data) == 16:  # absent or torn: not done
+                out[shard] = np.frombuffer(data, dtype="<u8")
+        return out
+
+    def shard_done(self, teacher: str, shard: int) -> bool:
+        """One shard's record alone (done_shards reads every shard's)."""
+        self.shard_range(shard)
         try:
-            return records[:]
-        except Exception:  # noqa: BLE001 - a torn record must read as "not done", per shard
-            out = np.zeros((self.n_shards, 2), dtype=np.uint64)
-            for shard in range(self.n_shards):
-                try:
-                    out[shard] = records[shard]
-                except Exception:  # noqa: BLE001
-                    pass
-            return out
+            return bool(self.group[f"done/{self.columns(teacher).spec.name}"][shard][0] > 0)
+        except Exception:  # noqa: BLE001 - a torn record reads as "not done", as in done_records
+            return False
 
     def done_shards(self, teacher: str) -> np.ndarray:
         return self.done_records(teacher)[:, 0] > 0
@@ -378,7 +385,11 @@ class TargetStore:
     def lookup_rows(self, texts: list[str]) -> np.ndarray:
         """Row of each text (by key), -1 where the store does not hold it. Reads only the index
         chunks the texts fall in, each once, however many texts are asked for."""
-        return self._index.rows_of(text_keys(texts))
+        return self.rows_of_keys(text_keys(texts))
+
+    def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each (high, low) key (embed_cache.hashing.text_keys), -1 where absent."""
+        return self._index.rows_of(keys)
 
     def vectors_for(self, texts: list[str]) -> np.ndarray:
         """Targets of texts looked up by hash; an error naming the texts the store lacks."""
@@ -397,6 +408,32 @@ class TargetStore:
                 f"finish the build (`jasper-cache status {self.url}` shows what is pending)."
             )
         return self.group["targets"].get_orthogonal_selection((rows, slice(None)))
+
+
+def _get_objects(store, keys: list[str]) -> list[bytes | None]:
+    """Whole small objects, None where absent. zarr costs ~0.3 ms of Python per chunk object, which
+    made `status` take seconds at 4,000 shards: local files are read directly, remote objects
+    concurrently through the store."""
+    if isinstance(store, zarr.storage.LocalStore):
+        found = []
+        for key in keys:
+            try:
+                found.append((Path(store.root) / key).read_bytes())
+            except FileNotFoundError:
+                found.append(None)
+        return found
+    prototype = default_buffer_prototype()
+    limit = asyncio.Semaphore(64)
+
+    async def get(key):
+        async with limit:
+            buffer = await store.get(key, prototype)
+            return None if buffer is None else buffer.to_bytes()
+
+    async def get_all():
+        return await asyncio.gather(*(get(key) for key in keys))
+
+    return zarr.core.sync.sync(get_all())
 
 
 def block_digest(block: np.ndarray) -> int:

@@ -35,10 +35,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers: int = 2) -> Path:
-    """A BERT teacher: Transformer -> mean Pooling [-> Dense out_dim] -> Normalize, in folder/model."""
+def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers: int = 2,
+                 tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+    """A BERT teacher: Transformer -> mean Pooling [-> Dense out_dim] -> Normalize, in folder/model.
+    The tokenizer is `char_tokenizer()` unless one is given."""
     torch.manual_seed(seed)
-    tokenizer = char_tokenizer()
+    tokenizer = tokenizer or char_tokenizer()
     encoder_dir = folder / "encoder"
     BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
                          num_hidden_layers=layers, num_attention_heads=4,

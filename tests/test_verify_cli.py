@@ -125,3 +125,68 @@ def test_missing_and_truncated_chunk_objects_are_named_and_never_read_as_data(co
     assert "teacher 'small' shard 2 (rows 64-95): marked done but its chunk objects ['targets/c/2/2'] are missing" in text
     assert "corrupt chunk: targets rows 0-15, columns 0-31 (teacher 'big', object targets/c/0/0)" in text
     assert report.bad_shards == {("small", 2), ("big", 0)}
+
+
+def test_an_index_that_disagrees_with_the_keys_is_named_by_the_full_and_the_sampled_check(complete_store, monkeypatch):
+    rows = complete_store.group["index/rows"]
+    swapped = rows[:]
+    swapped[[3, 4]] = swapped[[4, 3]]  # two keys now point at each other's rows
+    rows[:] = swapped
+    report = verify_store(complete_store, progress=False)
+    assert "lookup index does not match `keys`: lookups by text would be wrong." in report.problems
+    monkeypatch.setattr("embed_cache.verify.SAMPLED_LOOKUP_STRIDE", 1)  # every key of every shard
+    everywhere = verify_store(complete_store, progress=False, sample=1.0)
+    assert any("keys of shard" in problem and "look up to another row" in problem for problem in everywhere.problems)
+
+
+def test_a_duplicated_key_and_an_unsorted_index_are_named(complete_store):
+    keys = complete_store.group["index/keys"]
+    sorted_keys = keys[:]
+    duplicated = sorted_keys.copy()
+    duplicated[5] = duplicated[4]
+    keys[:] = duplicated
+    assert "1 duplicate keys: the same text is stored more than once." in verify_store(complete_store, progress=False).problems
+    keys[:] = sorted_keys[::-1]
+    assert any("index is not sorted" in p for p in verify_store(complete_store, progress=False).problems)
+
+
+def test_a_sample_checks_that_share_of_the_shards_and_says_so(tmp_path):
+    store = make_store(tmp_path, n=320, shard_rows=16)  # 20 shards
+    fill(store, "big")
+    fill(store, "small")
+    shard_object = tmp_path / "store.zarr/targets/c/7/0"
+    data = bytearray(shard_object.read_bytes())
+    data[40] ^= 0xFF
+    shard_object.write_bytes(bytes(data))
+    sampled = {seed: verify_store(store, progress=False, sample=0.25, seed=seed) for seed in range(12)}
+    assert {report.checked_shards for report in sampled.values()} == {5}
+    caught = [seed for seed, report in sampled.items() if report.problems]
+    assert 0 < len(caught) < 12  # shard 7 is in some samples and not in others
+    code, out = cli("verify", store.url, "--sample", "25%", "--seed", str(caught[0]))
+    assert code == 1 and "5 of 20 shards (sample, seed" in out and "rows/s" in out
+    code, out = cli("verify", store.url, "--sample", "0")
+    assert code == 2 and "give a share of the shards" in out
+
+
+def test_lookup_file_prints_a_row_per_line_and_fails_when_one_is_absent(complete_store, tmp_path):
+    texts = complete_store.read_texts(0, 100)
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"{texts[17]}\n{texts[3]}\n", encoding="utf-8")
+    code, out = cli("lookup", complete_store.url, "--file", queries)
+    assert code == 0 and [line.split("\t")[0] for line in out.splitlines() if "\t" in line] == ["17", "3"]
+    queries.write_text(f"{texts[17]}\nnot in the store\n", encoding="utf-8")
+    code, out = cli("lookup", complete_store.url, "--file", queries)
+    assert code == 1 and [line.split("\t")[0] for line in out.splitlines() if "\t" in line] == ["17", "-1"]
+    assert "found 1 of 2 texts" in out
+
+
+def test_status_and_lookup_never_import_torch_or_pyarrow(complete_store):
+    text = complete_store.read_texts(9, 10)[0]
+    script = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom embed_cache.cli import app\n"
+        f"for args in (['status', {complete_store.url!r}], ['lookup', {complete_store.url!r}, {text!r}]):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'pyarrow', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
