@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import build_throughput, paper_models, pipeline_phases, resim, store_io, train_throughput
+from benchmarks import build_throughput, paper_models, pipeline_phases, resim, scale, store_io, train_throughput
 from benchmarks.table import markdown
 
 GROUPS = {
@@ -27,6 +27,7 @@ GROUPS = {
     "resim": lambda quick: resim.measure(quick),
     "pipeline": lambda quick: pipeline_phases.measure("tiny" if quick else "demo"),
     "paper-models": lambda quick: paper_models.measure(quick),
+    "scale": lambda quick: scale.measure([5_000, 20_000] if quick else [1_000_000, 8_000_000]),
 }
 
 

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from accelerate.state import AcceleratorState
 
 from benchmarks.build_throughput import glosses
 from benchmarks.table import Row, markdown
@@ -76,7 +75,6 @@ def samples_per_second(url: str, folder: Path, steps: int, batch: int, workers: 
     })
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
         final = run(config, 1)
-    AcceleratorState._reset_state(reset_partial_state=True)
     records = [json.loads(line) for line in (final.parent / "log.jsonl").open()]
     return records[-1]["samples_per_s"]
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import xxhash
 from accelerate import Accelerator
 
-from distill.config import DistillError, write_json_atomic
+from distill.config import write_json_atomic
+from distill.errors import DistillError
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"

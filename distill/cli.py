@@ -10,8 +10,9 @@ from rich.table import Table
 
 from distill import checkpoint
 from distill.config import load_config
+from distill.errors import DistillError
 from distill.train import FINAL_DIR, LOG_FILE, run
-from embed_cache.errors import CacheError, run_cli
+from embed_cache.errors import run_cli
 
 app = typer.Typer(
     help="Phase 2 of Jasper distillation: train the student stage by stage from the target store.",
@@ -50,7 +51,7 @@ def status_command(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="
     """Per stage: step / total, the last logged losses, checkpoints, and whether it finished."""
     stages = sorted(p for p in run_dir.glob("stage[1-4]") if p.is_dir())
     if not stages:
-        raise CacheError(f"{run_dir} holds no stage folders: point at the --run-dir of a `jasper-distill run`.")
+        raise DistillError(f"{run_dir} holds no stage folders: point at the --run-dir of a `jasper-distill run`.")
     table = Table(title=f"run {run_dir}")
     for name in ("stage", "step", "last losses", "checkpoints", "final"):
         table.add_column(name)

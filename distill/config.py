@@ -23,17 +23,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from distill.errors import DistillError
 from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
 from distill.stages import STAGES
-from embed_cache.config import from_mapping, load_yaml
-from embed_cache.errors import CacheError
+from embed_cache.config import from_mapping, layered_mapping
 from embed_cache.files import write_atomic
-
-
-class DistillError(CacheError):
-    """A problem with the user's config, run directory or data, phrased as problem + fix."""
 
 
 @dataclass
@@ -41,7 +35,7 @@ class StudentConfig:
     """How stage 1 builds the student; later stages load the previous stage's final model."""
 
     text_encoder: str = "dunzhang/stella_en_1.5B_v5"
-    # The hub commit a hub id is pinned to (configs/train-paper.yaml pins the paper's models);
+    # The hub commit a hub id is pinned to (the paper preset pins the paper's models);
     # recorded in every checkpoint's config. Folders ignore it.
     revision: str | None = None
     # A SigLIP folder / hub id, or a mapping of SiglipVisionConfig fields (a fresh random tower).
@@ -185,31 +179,9 @@ def resume_differences(saved: dict, current: TrainConfig, stage: int) -> list[st
     return diffs
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings to a nested mapping; values are parsed as YAML (3e-4, true, [1, 2])."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise DistillError(f"--set {item!r}: write it as key=value, e.g. --set stage1.steps=100.")
-        target = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise DistillError(f"--set {item!r}: {part} is not a mapping in the config.")
-        try:
-            target[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise DistillError(f"--set {item!r}: the value is not valid YAML ({err}).") from err
-    return data
-
-
 def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:
     """The config from `path` (or defaults), then `--set` overrides, then non-None `flags`."""
-    data = load_yaml(path) if path else {}
-    apply_overrides(data, list(overrides))
-    data.update({key: value for key, value in flags.items() if value is not None})
-    return from_mapping(TrainConfig, data, where=str(path or "config"))
+    return from_mapping(TrainConfig, layered_mapping([path or None], overrides, flags), where=str(path or "config"))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill.config import DistillError
+from distill.errors import DistillError
 from embed_cache.store import TargetStore
 
 Batch = dict[str, torch.Tensor]

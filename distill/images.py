@@ -29,8 +29,8 @@ import torch
 import xxhash
 from tqdm import tqdm
 
-from distill.config import DistillError
 from distill.data import BlockPlan, WindowedBatches
+from distill.errors import DistillError
 from distill.model import JasperStudent, image_inputs
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError

@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.configuration_utils import SubConfigSpec
 
-from embed_cache.errors import CacheError
+from distill.errors import DistillError
 from embed_cache.native import apply_saved_attention, load_tokenizer, mean_pool, native_architecture, set_attention
 from embed_cache.stella import STELLA_ATTENTION, STELLA_EOS, load_stella_backbone
 from embed_cache.teachers import model_metadata, native_folder
@@ -303,7 +303,7 @@ def load_text_encoder(
             tokenizer = load_tokenizer(folder, add_eos_token=(eos or STELLA_EOS) == "token")
         return encoder, tokenizer
     if "auto_map" in config and not trust_remote_code:
-        raise CacheError(
+        raise DistillError(
             f"the student's text encoder {text_encoder} ships its own code (auto_map in config.json), and without "
             "it transformers would build its stock class instead: review the code at a pinned `revision`, then "
             "set `student.trust_remote_code: true`."

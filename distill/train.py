@@ -35,13 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import AutoTokenizer, SiglipVisionConfig, get_cosine_schedule_with_warmup
 
 from distill import checkpoint
-from distill.config import DistillError, ResolvedStage, TrainConfig, resume_differences, write_json_atomic
+from distill.config import ResolvedStage, TrainConfig, resume_differences, write_json_atomic
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
+from distill.errors import DistillError
 from distill.fc1_init import fit_heads
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student
@@ -71,7 +73,19 @@ def stage_dir(config: TrainConfig, stage: int) -> Path:
 
 
 def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) -> Path:
-    """Train (or resume) one stage; returns its final model folder."""
+    """Train (or resume) one stage; returns its final model folder.
+
+    Each stage builds its own Accelerator (its own accumulation and precision), and accelerate keeps
+    one per process: the stage leaves that process-wide state empty again, so stages (and callers'
+    runs) follow one another in one process.
+    """
+    try:
+        return _train_stage(config, stage, init_from)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) -> Path:
     if stage not in STAGES:
         raise DistillError(f"--stage {stage}: Jasper has stages 1, 2, 3 and 4.")
     settings = config.stage_settings(stage)

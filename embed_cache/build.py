@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .config import BATCH_TOKENS
 from .errors import CacheError
 from .lock import BuildLock
 from .spec import TeacherSpec
@@ -154,7 +155,7 @@ def _default_device(rank: int) -> str:
 def build(
     store_url: str,
     teacher: str,
-    batch_tokens: int = 16384,
+    batch_tokens: int = BATCH_TOKENS,
     device: str | None = None,
     force_unlock: bool = False,
     expected_spec: TeacherSpec | None = None,

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import from_mapping, load_yaml
+from .config import BATCH_TOKENS, from_mapping, layered_mapping
 from .errors import run_cli
 from .spec import resolve_teacher
 
@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+SET = typer.Option([], "--set", help="key=value over the config file, e.g. --set augment.split_rate=0 (repeatable); flags win.")
 # Piped output (CI logs, `| tee`) would otherwise wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -39,16 +40,14 @@ def prepare_command(
     shard_rows: int = typer.Option(None, help="Rows per shard, the unit one writer writes (1024-4096)."),
     chunk_rows: int = typer.Option(None, help="Rows per chunk, the unit training reads (64-128)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out (its vectors are lost)."),
+    overrides: list[str] = SET,
 ):
     """Read, mix, augment, deduplicate and shuffle the corpus; write keys and texts to a new store."""
     from .corpus import PrepareConfig, prepare
 
-    data = load_yaml(config)
-    flags = {"out": out, "total": total, "seed": seed, "shard_rows": shard_rows, "chunk_rows": chunk_rows}
-    data.update({key: value for key, value in flags.items() if value is not None})
-    if overwrite:
-        data["overwrite"] = True
-    settings = from_mapping(PrepareConfig, data, where=str(config))
+    flags = {"out": out, "total": total, "seed": seed, "shard_rows": shard_rows, "chunk_rows": chunk_rows,
+             "overwrite": overwrite or None}
+    settings = from_mapping(PrepareConfig, layered_mapping([config], overrides, flags), where=str(config))
     report = prepare(settings, log=console.print)
     table = Table(title=f"prepared {report['rows']:,} texts into {settings.out} in {report['seconds']} s")
     table.add_column("count")
@@ -65,7 +64,7 @@ class BuildConfig:
     store: str
     teacher: str
     dim: int | None = None
-    batch_tokens: int = 16384
+    batch_tokens: int = BATCH_TOKENS
     device: str | None = None
     storage_options: dict = field(default_factory=dict)
 
@@ -75,18 +74,17 @@ def build_command(
     store: str = typer.Option(None, "--store", "-s", help="Store path or fsspec URL made by `prepare`."),
     teacher: str = typer.Option(None, "--teacher", "-t", help="A teacher recorded in the store (nv-embed, stella, ...), or hf:PATH_OR_ID with --dim."),
     dim: int = typer.Option(None, help="Output dim, only with --teacher hf:PATH_OR_ID."),
-    batch_tokens: int = typer.Option(None, help="Tokens per batch (batch size x padded length); default 16384. Lower it on OOM."),
+    batch_tokens: int = typer.Option(None, help=f"Tokens per batch (batch size x padded length); default {BATCH_TOKENS}. Lower it on OOM."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU, else CPU)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML with store/teacher/batch_tokens/device; flags override it."),
     force_unlock: bool = typer.Option(False, "--force-unlock", help="Take the teacher's build lock from a builder that died on another machine."),
+    overrides: list[str] = SET,
 ):
     """Run one teacher over every pending shard; rerun to resume. Works under torchrun/accelerate launch."""
     from .build import build
 
-    data = load_yaml(config) if config else {}
     flags = {"store": store, "teacher": teacher, "dim": dim, "batch_tokens": batch_tokens, "device": device}
-    data.update({key: value for key, value in flags.items() if value is not None})
-    settings = from_mapping(BuildConfig, data, where=str(config or "build"))
+    settings = from_mapping(BuildConfig, layered_mapping([config], overrides, flags), where=str(config or "build"))
     expected = None
     name = settings.teacher
     if name.startswith("hf:") or settings.dim is not None:

@@ -1,5 +1,11 @@
-"""Dataclass configs from YAML/dicts, with errors that point at the nearest valid key."""
+"""Configs: YAML layers, `--set key=value` overrides and flags into dataclasses, one rule for all CLIs.
 
+Precedence, lowest first: the dataclass defaults, each layer in order (a preset, then the `-c FILE`),
+the `--set` overrides, then the dedicated flags. A later source always wins; a file never
+overrides the command line. Unknown keys are errors naming the nearest valid key.
+"""
+
+import copy
 import dataclasses
 import difflib
 import re
@@ -9,19 +15,61 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .errors import CacheError
+from .errors import JasperError
 
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"config file {path} does not exist: check the path.")
+        raise JasperError(f"config file {path} does not exist: check the path.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise CacheError(f"config file {path} is not valid YAML: {err}") from err
+        raise JasperError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise CacheError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}.")
+        raise JasperError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def layered_mapping(layers: list, overrides: list[str] = (), flags: dict | None = None) -> dict:
+    """`layers` (mappings, or YAML files; None skipped) deep-merged in order, then `--set` overrides,
+    then the flags that are not None."""
+    data: dict = {}
+    for layer in layers:
+        if layer is not None:
+            data = deep_merge(data, load_yaml(layer) if isinstance(layer, (str, Path)) else layer)
+    apply_overrides(data, list(overrides))
+    data.update({key: value for key, value in (flags or {}).items() if value is not None})
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mappings merged key by key, anything else replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested mapping; values are parsed as YAML (3e-4, true, [1, 2])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise JasperError(f"--set {item!r}: write it as key=value, e.g. --set stage1.steps=100.")
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise JasperError(f"--set {item!r}: {part} is not a mapping in the config.")
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise JasperError(f"--set {item!r}: the value is not valid YAML ({err}).") from err
     return data
 
 
@@ -34,7 +82,7 @@ def from_mapping(cls, data: dict, where: str = "config"):
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise CacheError(f"{where} must be a mapping, got {data!r}.")
+        raise JasperError(f"{where} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -42,12 +90,12 @@ def from_mapping(cls, data: dict, where: str = "config"):
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise CacheError(f"unknown key {where}.{key}.{hint} Valid keys: {', '.join(names)}.")
+            raise JasperError(f"unknown key {where}.{key}.{hint} Valid keys: {', '.join(names)}.")
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required key is missing
-        raise CacheError(f"{where}: {err}. Add the missing key.") from err
+        raise JasperError(f"{where}: {err}. Add the missing key.") from err
 
 
 def _convert(hint, value, where):
@@ -57,7 +105,7 @@ def _convert(hint, value, where):
         return from_mapping(hint, value, where)
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
-            raise CacheError(f"{where} must be a list, got {value!r}.")
+            raise JasperError(f"{where} must be a list, got {value!r}.")
         return [from_mapping(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
     if origin in (typing.Union, types.UnionType) and value is not None:
         inner = [a for a in args if a is not type(None)]
@@ -66,6 +114,9 @@ def _convert(hint, value, where):
     return value
 
 
+# Tokens per teacher batch (batch size x padded length): what the build, its CLI and the pipeline default to.
+BATCH_TOKENS = 16384
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -73,7 +124,7 @@ def check_written_path(path: str | Path | None, key: str) -> None:
     """A path the project writes to may not climb out of where it points with `..` (a config is
     often someone else's file: it must not make the project write beside the folder it names)."""
     if path is not None and ".." in PurePosixPath(str(path).replace("\\", "/")).parts:
-        raise CacheError(
+        raise JasperError(
             f"{key}={str(path)!r} climbs out of its folder with '..'; the project writes only below the paths "
             "it is given. Give the location without '..' (an absolute path if it lies elsewhere)."
         )
@@ -82,7 +133,7 @@ def check_written_path(path: str | Path | None, key: str) -> None:
 def check_name(name: str, key: str) -> None:
     """A name used as a folder name: letters, digits, '.', '_' and '-', never a path."""
     if not _NAME.fullmatch(name or ""):
-        raise CacheError(
+        raise JasperError(
             f"{key}={name!r} is used as a folder name: use letters, digits, '.', '_' and '-' only, starting "
             "with a letter or digit (no '/' or '..')."
         )

@@ -1,11 +1,18 @@
-"""The one exception type users see from phase 1.
+"""The one exception type users see: `JasperError`, with a subclass per phase.
 
-Every message names what is wrong and how to fix it; the CLI prints it without a traceback.
+Every message names what is wrong and how to fix it; the CLIs print it without a traceback. Code
+shared by the phases (config loading, path checks) raises `JasperError` itself; each phase raises
+its own subclass (`CacheError` here, `distill.config.DistillError`, `pipeline.config.PipelineError`),
+so a caller can catch one phase's problems or all of them.
 """
 
 
-class CacheError(Exception):
-    """A problem with the user's input or store, phrased as problem + fix."""
+class JasperError(Exception):
+    """A problem with the user's input, store or run, phrased as problem + fix."""
+
+
+class CacheError(JasperError):
+    """Phase 1: the corpus, a teacher or the target store."""
 
 
 def run_cli(app) -> None:
@@ -17,6 +24,6 @@ def run_cli(app) -> None:
 
     try:
         app()
-    except CacheError as err:
+    except JasperError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)

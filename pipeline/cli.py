@@ -6,8 +6,8 @@ from pathlib import Path
 import typer
 import yaml
 
-from embed_cache.errors import CacheError, run_cli
-from pipeline.config import load_pipeline_config, preset_names
+from embed_cache.errors import run_cli
+from pipeline.config import PipelineError, load_pipeline_config, preset_names
 
 app = typer.Typer(
     help="Jasper distillation end to end: prepare -> teachers -> stages 1-4 -> evaluate -> export -> report.",
@@ -34,9 +34,16 @@ def run_command(preset: str = PRESET, config: Path = CONFIG, overrides: list[str
 
 
 @app.command("show-config")
-def show_config(preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT):
-    """Print the resolved config (preset + file + overrides) as YAML."""
-    print(yaml.safe_dump(load_pipeline_config(preset, config, overrides, out).to_dict(), sort_keys=False), end="")
+def show_config(
+    preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT,
+    section: str = typer.Option(None, help="Print one part: `cache` (a `jasper-cache prepare -c` file) or `train` "
+                                          "(a `jasper-distill run -c` file), or any other top-level key."),
+):
+    """Print the resolved config (preset + file + overrides) as YAML, or one section of it."""
+    resolved = load_pipeline_config(preset, config, overrides, out).to_dict()
+    if section is not None and section not in resolved:
+        raise PipelineError(f"--section {section!r}: choose one of {', '.join(resolved)}.")
+    print(yaml.safe_dump(resolved if section is None else resolved[section], sort_keys=False), end="")
 
 
 @app.command("eval")
@@ -52,7 +59,7 @@ def eval_command(
 
     settings = load_pipeline_config(preset, config, overrides, out)
     if not (model / "config.json").is_file():
-        raise CacheError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
+        raise PipelineError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
     heldout, pairs = held_out_data(settings)
     scores = score_student(JasperStudent.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings,
                            heldout, pairs)
@@ -73,11 +80,11 @@ def export_command(
     from pipeline.export import export_sentence_transformers, head_for_dim
 
     if not (model / "config.json").is_file():
-        raise CacheError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
+        raise PipelineError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
     student = JasperStudent.from_pretrained(model)
     try:
         head_for_dim(student, dim)
     except ValueError as err:
-        raise CacheError(str(err)) from err
+        raise PipelineError(str(err)) from err
     export_sentence_transformers(student, AutoTokenizer.from_pretrained(model), dim, out, max_length)
     print(f"exported the {dim}-d head of {model} to {out}")

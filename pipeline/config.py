@@ -16,15 +16,18 @@ presets work from any working directory; `@tiny/` points at <out>/tiny-models (t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import TrainConfig, apply_overrides
-from embed_cache.config import check_written_path, from_mapping, load_yaml
+from distill.config import TrainConfig
+from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping
 from embed_cache.corpus import PrepareConfig
-from embed_cache.errors import CacheError
+from embed_cache.errors import JasperError
+
+
+class PipelineError(JasperError):
+    """The pipeline: its preset and config, evaluation, export."""
 
 PRESETS = Path(__file__).parent / "presets"
 DATA = Path(__file__).parent / "data"
@@ -55,7 +58,7 @@ class EvalSettings:
 
 @dataclass
 class BuildSettings:
-    batch_tokens: int = 16384
+    batch_tokens: int = BATCH_TOKENS
     device: str | None = None
 
 
@@ -83,37 +86,19 @@ def preset_names() -> list[str]:
 def load_pipeline_config(preset: str | None = "demo", path: str | Path | None = None,
                          overrides: list[str] = (), out: str | None = None) -> PipelineConfig:
     """The resolved config: preset, then the file, then --set overrides, then --out."""
-    data: dict = {}
-    if preset:
-        if preset not in preset_names():
-            raise CacheError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}.")
-        data = load_yaml(PRESETS / f"{preset}.yaml")
-    if path:
-        data = deep_merge(data, load_yaml(path))
-    apply_overrides(data, list(overrides))
-    if out is not None:
-        data["out"] = out
+    if preset and preset not in preset_names():
+        raise PipelineError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}.")
+    data = layered_mapping([PRESETS / f"{preset}.yaml" if preset else None, path or None], overrides, {"out": out})
     data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: Path(data.get("out", "runs/demo")).resolve() / TINY_MODELS})
     config = from_mapping(PipelineConfig, data, where=str(path or f"preset {preset}"))
     for key in ("seed", "name"):  # the pipeline's own, passed down: a different train.<key> would be lost
         given = (data.get("train") or {}).get(key)
         if given is not None and given != getattr(config, key):
-            raise CacheError(
+            raise PipelineError(
                 f"train.{key}={given!r} but {key}={getattr(config, key)!r}: the pipeline trains with its own "
                 f"`{key}`; set `{key}: {given!r}` at the top level instead (--set {key}={given}), or drop train.{key}."
             )
     return fill_derived(config)
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """`update` over `base`, mappings merged key by key, anything else replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def expand_paths(value, prefixes: dict[str, Path]):
@@ -146,5 +131,5 @@ def fill_derived(config: PipelineConfig) -> PipelineConfig:
         train.images = train.images or str(out / "emoji-train")  # written by the run (pipeline.run.split_pairs)
     bad = sorted(set(config.stages) - {1, 2, 3, 4})
     if bad or config.stages != sorted(set(config.stages)):
-        raise CacheError(f"stages={config.stages}: list stages from 1 to 4 in order, each once.")
+        raise PipelineError(f"stages={config.stages}: list stages from 1 to 4 in order, each once.")
     return config

@@ -18,7 +18,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
-from embed_cache.errors import CacheError
+from pipeline.config import PipelineError
 from pipeline.evaluate_run import student_checkpoints
 
 PROMPTS = {
@@ -45,7 +45,7 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
     head = model.heads[head_for_dim(model, dim)]
     out = Path(out)
     if out.exists() and not (out / "modules.json").is_file():
-        raise CacheError(f"{out} exists and is not a sentence-transformers folder: choose another --out, or remove it.")
+        raise PipelineError(f"{out} exists and is not a sentence-transformers folder: choose another --out, or remove it.")
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +65,7 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
         exported.save(str(staging))
     try:
         check_tokenizer_round_trip(tokenizer, staging, out)
-    except CacheError:
+    except PipelineError:
         shutil.rmtree(staging)
         raise
     shutil.rmtree(out, ignore_errors=True)
@@ -82,7 +82,7 @@ def check_tokenizer_round_trip(tokenizer, folder: Path, shown_as: Path) -> None:
     reloaded = AutoTokenizer.from_pretrained(folder)
     for text in PROBES:
         if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
-            raise CacheError(
+            raise PipelineError(
                 f"the export {shown_as} would reload its tokenizer as {type(reloaded).__name__}, which tokenizes "
                 f"{text!r} differently from the student's {type(tokenizer).__name__}, so SentenceTransformer({shown_as}) "
                 "would not reproduce the student's vectors. Train the student with a tokenizer of its encoder's "
@@ -98,7 +98,7 @@ def export_final(config) -> list[Path]:
     """Every head (or `config.export_dims`) of the last finished stage -> <out>/export/dim-<D>."""
     name, folder = student_checkpoints(config)[-1]
     if folder is None:
-        raise CacheError("no stage has finished yet, so there is no student to export: run the stages first.")
+        raise PipelineError("no stage has finished yet, so there is no student to export: run the stages first.")
     model = JasperStudent.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dims = config.export_dims or [head.out_features for head in model.heads.values()]

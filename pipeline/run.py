@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 import zarr
-from accelerate.state import AcceleratorState
 
 from distill.images import load_pairs
 from distill.train import FINAL_DIR, stage_dir
@@ -41,7 +40,7 @@ from embed_cache.errors import CacheError
 from embed_cache.files import write_atomic
 from embed_cache.spec import resolve_teacher
 from embed_cache.store import TargetStore, open_zarr_store, store_exists
-from pipeline.config import TINY_MODELS, PipelineConfig
+from pipeline.config import TINY_MODELS, PipelineConfig, PipelineError
 from pipeline.evaluate_run import EMOJI_HELDOUT, EMOJI_TRAIN, HELDOUT_STORE, evaluate_run
 from pipeline.export import export_final, exports_current
 from pipeline.report import write_report
@@ -93,7 +92,7 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> 
         split_pairs(config, out)
     for stage in config.stages:
         final = stage_dir(config.train, stage) / FINAL_DIR
-        phases.run(f"stage {stage}", lambda s=stage: run_stage(config, s), lambda f=final: (f / "config.json").is_file())
+        phases.run(f"stage {stage}", lambda s=stage: train_stage(config.train, s), lambda f=final: (f / "config.json").is_file())
     phases.run("evaluate", lambda: evaluate_run(config, log), lambda: False)
     phases.run("export", lambda: export_final(config), lambda: exports_current(config))
     phases.run("report", lambda: write_report(config, phases.times), lambda: False)
@@ -154,7 +153,7 @@ def split_pairs(config: PipelineConfig, out: Path) -> None:
     pairs = load_pairs(folder)
     held = config.evaluation.emoji_heldout
     if not 0 < held < len(pairs):
-        raise CacheError(f"evaluation.emoji_heldout={held}: hold out between 1 and {len(pairs) - 1} of the "
+        raise PipelineError(f"evaluation.emoji_heldout={held}: hold out between 1 and {len(pairs) - 1} of the "
                          f"{len(pairs)} pairs in {folder}.")
     order = np.random.default_rng(config.seed).permutation(len(pairs))
     for name, rows in ((EMOJI_HELDOUT, order[:held]), (EMOJI_TRAIN, order[held:])):
@@ -166,9 +165,3 @@ def split_pairs(config: PipelineConfig, out: Path) -> None:
         write_atomic(target, json.dumps(entries, indent=0))
 
 
-def run_stage(config: PipelineConfig, stage: int) -> None:
-    try:
-        train_stage(config.train, stage)
-    finally:
-        # each stage builds its own Accelerator (its own accumulation and precision settings)
-        AcceleratorState._reset_state(reset_partial_state=True)

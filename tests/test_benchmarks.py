@@ -19,7 +19,7 @@ def test_quick_benchmarks_write_every_row(tmp_path):
                      "block reads, cold, paper", "random single-row reads", "training samples/s",
                      "L_resim forward+backward time, B = 128", "L_resim peak memory, B = 128",
                      "tiny pipeline: stage 4", "tiny pipeline: total", "nv-embed all parameters",
-                     "stage-3 step per GPU"):
+                     "stage-3 step per GPU", "scale: prepare at 20,000 texts", "scale: verify (all), time growth"):
         assert any(expected in name for name in what), f"no row for {expected!r}"
     assert all(math.isfinite(row["ours"]) and row["ours"] >= 0 for row in results["rows"])
     assert (tmp_path / "results.md").read_text().startswith("| what | ours |")

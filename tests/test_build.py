@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from store_helpers import write_jsonl
+from store_helpers import NO_AUGMENT, write_jsonl
 from tiny_teachers import mark_remote_code, save_stella_like
+from train_helpers import SUBPROCESS_ENV
 
 from benchmarks.soak import soak_build
 from embed_cache.build import ShardEncoder, build, token_budget_batches
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus import PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.spec import PRESETS, TeacherSpec
 from embed_cache.store import TargetStore
@@ -26,9 +27,6 @@ from embed_cache.verify import verify_store
 from pipeline.tiny import save_teacher
 
 GLOSSES = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
-NO_AUGMENT = AugmentSpec.none()
-# Identical numbers across runs and process counts need the same thread count everywhere.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")

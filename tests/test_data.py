@@ -6,8 +6,8 @@ import torch
 from tiny_models import tiny_tokenizer
 from train_helpers import word_store
 
-from distill.config import DistillError
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
+from distill.errors import DistillError
 from embed_cache.store import TargetStore
 
 

@@ -6,7 +6,7 @@ from tiny_models import TINY_HEAD_DIMS, tiny_student, tiny_vision_config
 from transformers import AutoTokenizer
 
 from distill.model import build_student
-from embed_cache.errors import CacheError
+from pipeline.config import PipelineError
 from pipeline.export import PROMPTS, export_sentence_transformers
 from pipeline.tiny import save_student_encoder
 
@@ -51,11 +51,11 @@ def test_a_qwen2_student_exports_when_its_tokenizer_survives_the_reload(tmp_path
 
 def test_a_student_whose_tokenizer_would_reload_differently_is_refused_and_nothing_is_written(tmp_path):
     model, tokenizer = tiny_student("qwen2", tmp_path)  # a word-level tokenizer on a qwen2 encoder
-    with pytest.raises(CacheError, match="would reload its tokenizer as Qwen2Tokenizer, which tokenizes"):
+    with pytest.raises(PipelineError, match="would reload its tokenizer as Qwen2Tokenizer, which tokenizes"):
         export_sentence_transformers(model, tokenizer, dim=TINY_HEAD_DIMS[1], out=tmp_path / "export")
     assert not any(p.name.startswith((".export", "export")) for p in tmp_path.iterdir())
     (tmp_path / "notes").mkdir()
-    with pytest.raises(CacheError, match="notes exists and is not a sentence-transformers folder"):
+    with pytest.raises(PipelineError, match="notes exists and is not a sentence-transformers folder"):
         export_sentence_transformers(model, tokenizer, dim=TINY_HEAD_DIMS[1], out=tmp_path / "notes")
 
 

@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from accelerate.state import AcceleratorState
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 
+from distill.config import load_config
 from distill.model import JasperStudent
-from embed_cache.errors import CacheError
+from embed_cache.config import from_mapping, layered_mapping
+from embed_cache.corpus import PrepareConfig
+from embed_cache.errors import JasperError
 from embed_cache.store import TargetStore
 from embed_cache.verify import verify_store
-from pipeline.config import DATA, load_pipeline_config
+from pipeline.config import DATA, PipelineError, load_pipeline_config
 from pipeline.evaluate import student_vectors
 from pipeline.run import run_pipeline
 
@@ -27,11 +29,6 @@ STUDENTS = ["student init", "stage 1", "stage 2", "stage 3", "stage 4"]
 TEXTS = ["a small red dog", "Distillation keeps the teacher's geometry.", "x"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -39,7 +36,6 @@ def tiny_run(tmp_path_factory):
     config = load_pipeline_config("tiny", out=str(out))
     lines = []
     run_pipeline(config, log=lines.append)
-    AcceleratorState._reset_state(reset_partial_state=True)
     return config, out, lines
 
 
@@ -123,7 +119,6 @@ def test_a_rerun_skips_finished_phases_and_a_lost_final_model_is_resumed(tiny_ru
     for item in final.iterdir():
         item.unlink()
     final.rmdir()
-    AcceleratorState._reset_state(reset_partial_state=True)
     lines = []
     run_pipeline(config, log=lines.append)
     assert "[pipeline] stage 4: done in" in " ".join(lines)
@@ -143,21 +138,35 @@ def test_config_layers_preset_file_overrides_and_flags(tmp_path):
     assert config.train.student.text_encoder == str((tmp_path / "o").resolve() / "tiny-models" / "student" / "encoder")
 
     user.write_text(yaml.safe_dump({"trian": {}}))
-    with pytest.raises(CacheError, match="unknown key .*trian. Did you mean 'train'"):
+    with pytest.raises(JasperError, match="unknown key .*trian. Did you mean 'train'"):
         load_pipeline_config("tiny", user)
-    with pytest.raises(CacheError, match="unknown preset 'huge': choose one of demo, paper, tiny"):
+    with pytest.raises(PipelineError, match="unknown preset 'huge': choose one of demo, paper, tiny"):
         load_pipeline_config("huge")
-    with pytest.raises(CacheError, match="stages="):
+    with pytest.raises(PipelineError, match="stages="):
         load_pipeline_config("tiny", overrides=["stages=[3, 1]"])
     # the pipeline's seed and name go to training; a different one set there is an error, not lost
-    with pytest.raises(CacheError, match=r"train.seed=7 but seed=0: .*--set seed=7"):
+    with pytest.raises(PipelineError, match=r"train.seed=7 but seed=0: .*--set seed=7"):
         load_pipeline_config("tiny", overrides=["train.seed=7"])
-    with pytest.raises(CacheError, match=r"train.name='mine' but name='tiny'"):
+    with pytest.raises(PipelineError, match=r"train.name='mine' but name='tiny'"):
         load_pipeline_config("tiny", overrides=["train.name=mine"])
     assert load_pipeline_config("tiny", overrides=["seed=7", "train.seed=7"]).train.seed == 7
     demo = load_pipeline_config()  # the embedded default
     assert demo.name == "demo" and demo.cache.teachers == ["mpnet", "minilm"]
     assert demo.train.student.head_dims == [1152, 512, 256, 128]
+
+
+def test_a_presets_sections_are_the_phases_config_files(tmp_path):
+    """`show-config --section` is how the paper's phase configs are made: each loads in its phase
+    exactly as the pipeline resolves it."""
+    paper = load_pipeline_config("paper")
+    for section in ("cache", "train"):
+        shown = cli("show-config", "--preset", "paper", "--section", section)
+        assert shown.returncode == 0, shown.stderr
+        (tmp_path / f"{section}.yaml").write_text(shown.stdout)
+    assert from_mapping(PrepareConfig, layered_mapping([tmp_path / "cache.yaml"])) == paper.cache
+    assert load_config(tmp_path / "train.yaml") == paper.train
+    wrong = cli("show-config", "--preset", "paper", "--section", "trian")
+    assert wrong.returncode == 2 and "--section 'trian': choose one of" in wrong.stderr
 
 
 def test_cli_show_config_export_and_errors(tiny_run, tmp_path):

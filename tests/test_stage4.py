@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from PIL import Image
 from tiny_models import tiny_student
 from transformers import SiglipVisionConfig
 
-from distill.config import DistillError, load_config
+from distill.config import load_config
+from distill.errors import DistillError
 from distill.images import CAPTION_TEACHER, Pair, build_caption_targets, load_pairs
 from distill.model import JasperStudent, build_student
 from distill.train import run
@@ -23,11 +23,6 @@ from pipeline.evaluate import image_caption_retrieval
 
 EMOJI = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "emoji"  # shipped with the demo
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def write_pairs(folder: Path, entries, name="captions.json") -> Path:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from store_helpers import fake_vectors, fill
@@ -23,7 +22,8 @@ from transformers import AutoTokenizer, SiglipVisionConfig
 import embed_cache.teachers
 from benchmarks.soak import FORCED, soak_train
 from distill import checkpoint
-from distill.config import DistillError, load_config
+from distill.config import load_config
+from distill.errors import DistillError
 from distill.model import JasperStudent, build_student
 from distill.stages import STAGES
 from distill.train import run
@@ -32,11 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO),
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "jasper" / "torch_extensions")}
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def losses(stage_dir: Path, keys=("step", "lr", "loss", "cosine", "similarity", "relative_similarity")):
@@ -70,7 +65,6 @@ def test_stages_1_to_3_overfit_a_fixed_batch_and_train_only_their_parameters(tmp
 
     for stage, lr in ((1, 1e-2), (2, 1e-3), (3, 3e-4)):
         final = run(load_config(config, [f"stage{stage}.learning_rate={lr}"]), stage)
-        AcceleratorState._reset_state(reset_partial_state=True)
         stage_losses = [loss for _, _, loss, *_ in losses(final.parent)]
         assert len(stage_losses) == 10
         assert stage_losses[-1] < 0.9 * stage_losses[0], stage_losses
@@ -101,7 +95,6 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = config_file(tmp_path, store.url, steps=6)
     stage_dir = run(load_config(config), 1).parent
-    AcceleratorState._reset_state(reset_partial_state=True)
     assert [p.name for p in checkpoint.checkpoints(stage_dir)] == ["step-00000003", "step-00000006"]
 
     with pytest.raises(DistillError, match=r"stage1.learning_rate: 0.003 != 0.001"):
@@ -116,7 +109,6 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
 def test_a_run_killed_before_its_first_checkpoint_leaves_no_line_in_the_next_runs_log(tmp_path):
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     straight = run(load_config(config_file(tmp_path / "straight", store.url, steps=6)), 1).parent
-    AcceleratorState._reset_state(reset_partial_state=True)
     # what a dead attempt leaves: two logged steps (one torn mid-write) and TensorBoard events, no checkpoint
     stage_dir = tmp_path / "killed" / "run" / "stage1"
     stage_dir.mkdir(parents=True)
@@ -140,7 +132,6 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_a_fresh_start(tmp_p
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = load_config(config_file(tmp_path, store.url, steps=6))
     stage_dir = run(config, 1).parent
-    AcceleratorState._reset_state(reset_partial_state=True)
     logged = [(record[0], record[2]) for record in losses(stage_dir)]
     assert [(step, pytest.approx(loss)) for step, loss in tensorboard_losses(stage_dir)] == logged
     # as if killed after step 6 but before its checkpoint: the resume from step 3 logs steps 4-6 again
@@ -148,7 +139,6 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_a_fresh_start(tmp_p
     shutil.rmtree(stage_dir / "final")
     time.sleep(1)  # TensorBoard orders event files by the second in their names
     run(config, 1)
-    AcceleratorState._reset_state(reset_partial_state=True)
     assert [(step, pytest.approx(loss)) for step, loss in tensorboard_losses(stage_dir)] == logged
     # a fresh start (no checkpoint) starts a clean TensorBoard folder as well as a clean log
     earlier = list((stage_dir / "tensorboard").rglob("events.out.tfevents.*"))
@@ -172,7 +162,6 @@ def test_gradient_checkpointing_trains_to_the_same_numbers(tmp_path):
         (tmp_path / name).mkdir()
         config = load_config(config_file(tmp_path / name, store.url, steps=3), overrides)
         runs[name] = run(config, 3, init_from=tmp_path / "start").parent
-        AcceleratorState._reset_state(reset_partial_state=True)
     plain, recomputed = runs["plain"], runs["recomputed"]
     np.testing.assert_allclose(losses(recomputed), losses(plain), rtol=1e-5)
     for name, weight in final_weights(plain).items():
@@ -183,7 +172,6 @@ def test_a_checkpoint_with_a_missing_or_changed_file_is_named_and_never_loaded(t
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = load_config(config_file(tmp_path, store.url, steps=6))
     stage_dir = run(config, 1).parent
-    AcceleratorState._reset_state(reset_partial_state=True)
     shutil.rmtree(stage_dir / "final")  # so the stage resumes from its newest checkpoint, step 6
     newest = stage_dir / "checkpoints" / "step-00000006"
     saved = sorted(checkpoint.read_state(newest)["files"])
@@ -342,7 +330,6 @@ def test_stage1_on_pooled_states_encoded_once_takes_the_same_steps(tmp_path):
         config = load_config(config_file(tmp_path / name, store.url, steps=8, batch=16),
                              [f"student.text_encoder={bert}", "fc1_init=lstsq", "fc1_init_rows=64", *overrides])
         runs[name] = run(config, 1).parent
-        AcceleratorState._reset_state(reset_partial_state=True)
     # three epochs of 32 rows: every text seen more than once; the same steps up to float rounding
     np.testing.assert_allclose(np.array(losses(runs["pooled"])), np.array(losses(runs["batches"])), rtol=1e-4,
                                atol=1e-6)
@@ -385,7 +372,6 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     np.testing.assert_allclose(fc2 @ fc2.T, (design @ projected) @ (design @ projected).T, atol=2e-3)
     # stage 1 starts closer to the targets than from a random FC1
     fitted = run(config, 1).parent
-    AcceleratorState._reset_state(reset_partial_state=True)
     random_start = run(load_config(config_file(tmp_path / "random", store.url)), 1).parent
     assert losses(fitted)[0][3] < losses(random_start)[0][3]  # the first step's cosine loss
     with pytest.raises(DistillError, match="fc1_init='pca'"):

@@ -7,7 +7,7 @@ from store_helpers import fill, make_store, write_config, write_jsonl
 from typer.testing import CliRunner
 
 from embed_cache.cli import app
-from embed_cache.errors import CacheError
+from embed_cache.errors import CacheError, JasperError
 from embed_cache.store import TargetStore
 from embed_cache.verify import verify_store
 
@@ -190,3 +190,16 @@ def test_status_and_lookup_never_import_torch_or_pyarrow(complete_store):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_prepare_takes_the_file_then_set_overrides_then_flags(tmp_path):
+    source = write_jsonl(tmp_path / "corpus.jsonl", [f"text {i}" for i in range(60)])
+    config = write_config(tmp_path / "prepare.yaml", sources=[{"path": str(source)}], teachers=["minilm"],
+                          total=50, seed=0, augment={"split_rate": 0.0, "shuffle_rate": 0.0})
+    out = tmp_path / "store.zarr"
+    code, output = cli("prepare", "-c", config, "--out", out, "--set", "total=30", "--set", "seed=3", "--total", 20)
+    assert code == 0, output
+    store = TargetStore.open(out)
+    assert store.n_rows == 20 and store.group.attrs["prepare"]["seed"] == 3
+    result = runner.invoke(app, ["prepare", "-c", config, "--out", str(out), "--overwrite", "--set", "total"])
+    assert isinstance(result.exception, JasperError) and "--set 'total': write it as key=value" in str(result.exception)

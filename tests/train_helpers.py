@@ -11,7 +11,7 @@ from embed_cache.store import TargetStore
 
 TARGET_DIM = sum(t.dim for t in TEACHERS)  # 96: FC1 learns the whole target
 HEAD_DIMS = [TARGET_DIM, 16, 8, 4]
-# Identical numbers across runs need the same thread count everywhere.
+# Identical numbers across runs and process counts need the same thread count everywhere.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
