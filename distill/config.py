@@ -25,7 +25,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
-from distill.stages import STAGES
+from distill.stages import STAGES, StageSpec
 from embed_cache.config import from_mapping, layered_mapping
 from embed_cache.files import write_atomic
 
@@ -54,17 +54,18 @@ class StudentConfig:
 
 @dataclass
 class StageSettings:
-    """Per-stage optimisation settings; None means the paper's value for that stage."""
+    """A stage's settings in the config: each one set here replaces the stage's own (the paper's
+    table, with its defaults, in distill.stages.StageSpec); None keeps it."""
 
     learning_rate: float | None = None
     steps: int | None = None
     batch_size: int | None = None  # per device, as in the paper
-    warmup: float = 0.05  # fraction of steps
-    grad_accum: int = 1
-    clip: float = 1.0  # max gradient norm; 0 disables clipping
-    weight_decay: float = 0.01
-    checkpoint_every: int = 500  # optimizer steps
-    keep_last: int = 2  # complete checkpoints kept
+    warmup: float | None = None  # fraction of steps (0.05)
+    grad_accum: int | None = None  # (1)
+    clip: float | None = None  # max gradient norm; 0 disables clipping (1.0)
+    weight_decay: float | None = None  # (0.01)
+    checkpoint_every: int | None = None  # optimizer steps (500)
+    keep_last: int | None = None  # complete checkpoints kept (2)
 
     def __post_init__(self):
         # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as the number it obviously is
@@ -117,48 +118,16 @@ class TrainConfig:
     stage3: StageSettings = field(default_factory=StageSettings)
     stage4: StageSettings = field(default_factory=StageSettings)
 
-    def stage_settings(self, stage: int) -> "ResolvedStage":
-        """This stage's settings with the paper's values filled in where the config left None."""
-        spec = STAGES[stage]
-        own: StageSettings = getattr(self, f"stage{stage}")
-        resolved = ResolvedStage(
-            stage=stage,
-            learning_rate=own.learning_rate if own.learning_rate is not None else spec.learning_rate,
-            steps=own.steps if own.steps is not None else spec.steps,
-            batch_size=own.batch_size if own.batch_size is not None else spec.batch_size,
-            warmup=own.warmup, grad_accum=own.grad_accum, clip=own.clip,
-            weight_decay=own.weight_decay, checkpoint_every=own.checkpoint_every,
-            keep_last=own.keep_last,
-        )
-        resolved.check()
-        return resolved
+    def stage(self, number: int) -> StageSpec:
+        """Stage `number` as this config runs it: the paper's stage (distill.stages.STAGES) with this
+        config's settings over it (None keeps the paper's value)."""
+        overrides = {key: value for key, value in dataclasses.asdict(getattr(self, f"stage{number}")).items()
+                     if value is not None}
+        return dataclasses.replace(STAGES[number], **overrides,
+                                   self_distillation=self.self_distillation and number == 3)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class ResolvedStage:
-    stage: int
-    learning_rate: float
-    steps: int
-    batch_size: int
-    warmup: float
-    grad_accum: int
-    clip: float
-    weight_decay: float
-    checkpoint_every: int
-    keep_last: int
-
-    def check(self) -> None:
-        where = f"stage{self.stage}"
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise DistillError(f"{where}.{name}={getattr(self, name)}: it must be at least 1.")
-        if self.batch_size < 2:
-            raise DistillError(f"{where}.batch_size=1: the similarity losses compare texts within a batch; use 2 or more.")
-        if not 0 <= self.warmup < 1:
-            raise DistillError(f"{where}.warmup={self.warmup}: give a fraction of the steps in [0, 1).")
 
 
 # Settings that change the numbers a run computes: a resumed run must keep them. Everything
@@ -172,10 +141,16 @@ def resume_differences(saved: dict, current: TrainConfig, stage: int) -> list[st
     keys = [*_RESUME_INVARIANT, f"stage{stage}"]
     diffs = [f"{key}: {saved.get(key)!r} != {now[key]!r}" for key in keys
              if key != f"stage{stage}" and saved.get(key) != now[key]]
-    mine, theirs = now[f"stage{stage}"], saved.get(f"stage{stage}", {})
+    paper = STAGES[stage]
+
+    def resolved(section: dict) -> dict:  # a setting left None is the stage's own, whoever wrote it
+        return {field.name: getattr(paper, field.name) if section.get(field.name) is None else section[field.name]
+                for field in dataclasses.fields(StageSettings)}
+
+    mine, theirs = resolved(now[f"stage{stage}"]), resolved(saved.get(f"stage{stage}", {}))
     variable = {"checkpoint_every", "keep_last"}
-    diffs += [f"stage{stage}.{key}: {theirs.get(key)!r} != {value!r}"
-              for key, value in mine.items() if key not in variable and theirs.get(key) != value]
+    diffs += [f"stage{stage}.{key}: {theirs[key]!r} != {value!r}"
+              for key, value in mine.items() if key not in variable and theirs[key] != value]
     return diffs
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from distill.errors import DistillError
 from distill.losses import RESIM_MARGIN, LossWeights, cosine_loss, relative_similarity_loss, similarity_loss
 from distill.model import JasperStudent
 
@@ -55,6 +56,12 @@ class StageSpec:
         self_distillation: stage 3 variant the paper proposes but never ran: FC1's normalised,
             detached output is the teacher of the other similarity heads.
         weights, margin: loss weights (10/200/20) and the ``L_resim`` margin (0.015).
+        warmup, grad_accum, clip, weight_decay: the rest of the optimisation (the paper's 5% warm-up
+            and weight decay 0.01; clip 0 disables clipping).
+        checkpoint_every, keep_last: optimizer steps between checkpoints, complete checkpoints kept.
+
+    ``STAGES`` holds the paper's table; a run's stage is ``dataclasses.replace(STAGES[n], **overrides)``
+    (``TrainConfig.stage``).
     """
 
     stage: int
@@ -70,6 +77,12 @@ class StageSpec:
     self_distillation: bool = False
     weights: LossWeights = field(default_factory=LossWeights)
     margin: float = RESIM_MARGIN
+    warmup: float = 0.05  # fraction of steps
+    grad_accum: int = 1
+    clip: float = 1.0  # max gradient norm
+    weight_decay: float = 0.01
+    checkpoint_every: int = 500
+    keep_last: int = 2
 
     def __post_init__(self):
         if self.self_distillation and (self.teacher != "target" or TARGET_HEAD not in self.similarity_heads):
@@ -77,6 +90,14 @@ class StageSpec:
                 f"Stage {self.stage}: self_distillation makes {TARGET_HEAD}'s output the teacher of the other "
                 "similarity heads, so it needs teacher='target' and fc1 among similarity_heads (stage 3)."
             )
+        where = f"stage{self.stage}"
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"{where}.{name}={getattr(self, name)}: it must be at least 1.")
+        if self.batch_size < 2:
+            raise DistillError(f"{where}.batch_size=1: the similarity losses compare texts within a batch; use 2 or more.")
+        if not 0 <= self.warmup < 1:
+            raise DistillError(f"{where}.warmup={self.warmup}: give a fraction of the steps in [0, 1).")
 
     def trainable_parameter_names(self, model: JasperStudent) -> set[str]:
         """Names (as in ``model.named_parameters()``) of the parameters this stage trains."""

@@ -23,13 +23,13 @@ hardware, process count and thread count).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, SiglipVisionConfig, get_cosine_schedule_with_warmup
 
 from distill import checkpoint
-from distill.config import ResolvedStage, TrainConfig, resume_differences, write_json_atomic
+from distill.config import TrainConfig, resume_differences, write_json_atomic
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
 from distill.errors import DistillError
 from distill.fc1_init import fit_heads
@@ -88,8 +88,7 @@ def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) ->
 def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) -> Path:
     if stage not in STAGES:
         raise DistillError(f"--stage {stage}: Jasper has stages 1, 2, 3 and 4.")
-    settings = config.stage_settings(stage)
-    spec = dataclasses.replace(STAGES[stage], self_distillation=config.self_distillation and stage == 3)
+    spec = config.stage(stage)
     folder = stage_dir(config, stage)
     resume_from = checkpoint.latest(folder)
     if resume_from:
@@ -103,14 +102,14 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
                 "with the same settings, or start over in a new --run-dir."
             )
 
-    accelerator = make_accelerator(config, settings, folder)
+    accelerator = make_accelerator(config, spec, folder)
     # a fresh start or a resume: what earlier attempts logged past this point is dropped, so the
     # log reads as one uninterrupted run (a run killed before its first checkpoint starts clean)
     start = saved["step"] if saved else 0
     if accelerator.is_main_process:
         rewind_outputs(folder, start)
     accelerator.wait_for_everyone()
-    start_trackers(accelerator, settings, start)
+    start_trackers(accelerator, spec, start)
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
@@ -119,9 +118,9 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(settings.warmup * settings.steps), num_training_steps=settings.steps
+        optimizer, num_warmup_steps=math.ceil(spec.warmup * spec.steps), num_training_steps=spec.steps
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -129,21 +128,21 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     if resume_from:
         step = checkpoint.load(accelerator, resume_from)["step"]
         if accelerator.is_main_process:
-            print(f"resuming stage {stage} from {resume_from} (step {step} of {settings.steps})")
+            print(f"resuming stage {stage} from {resume_from} (step {step} of {spec.steps})")
     # after the checkpoint: stage 4's caption targets come from the model's (frozen) text side
-    batches = make_batches(config, settings, spec, accelerator.unwrap_model(model), tokenizer, accelerator,
+    batches = make_batches(config, spec, accelerator.unwrap_model(model), tokenizer, accelerator,
                            folder, saved)
 
     trainer_state = lambda: {  # noqa: E731 - what a checkpoint adds to accelerate's state
-        "stage": stage, "total_steps": settings.steps, "sampler": batches.state(), "config": config.to_dict(),
+        "stage": stage, "total_steps": spec.steps, "sampler": batches.state(), "config": config.to_dict(),
     }
-    train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
-               trainer_state, config.log_every, pooled)
+    train_loop(Recipe(accelerator, model, optimizer, scheduler, spec, batches, trainable, folder, trainer_state,
+                      pooled), step, config.log_every)
     return save_final(accelerator, model, tokenizer, folder, stage, config)
 
 
 # ---------------------------------------------------------------------- set-up
-def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path) -> Accelerator:
+def make_accelerator(config: TrainConfig, spec: StageSpec, folder: Path) -> Accelerator:
     """DeepSpeed ZeRO-2 (the shipped config) or DDP; bf16 on GPU."""
     cuda = torch.cuda.is_available()
     strategy = config.strategy if config.strategy != "auto" else ("deepspeed" if cuda else "ddp")
@@ -152,7 +151,7 @@ def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path)
     precision = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no")
     trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     options = dict(
-        gradient_accumulation_steps=settings.grad_accum,
+        gradient_accumulation_steps=spec.grad_accum,
         mixed_precision=precision,
         # the schedule counts optimizer steps on one process; accelerate's default would step it
         # once per process per step
@@ -163,9 +162,9 @@ def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path)
     if strategy == "deepspeed":
         ds_config = json.loads(Path(config.deepspeed_config or SHIPPED_CONFIGS / "zero2.json").read_text())
         # no DataLoader goes through accelerate, so it cannot fill these "auto" values itself
-        ds_config["train_micro_batch_size_per_gpu"] = settings.batch_size
-        ds_config["gradient_accumulation_steps"] = settings.grad_accum
-        ds_config["gradient_clipping"] = settings.clip
+        ds_config["train_micro_batch_size_per_gpu"] = spec.batch_size
+        ds_config["gradient_accumulation_steps"] = spec.grad_accum
+        ds_config["gradient_clipping"] = spec.clip
         options["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
         if not cuda:  # DeepSpeed on CPU (tests): gloo; Accelerator(cpu=True) would drop DeepSpeed
             options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -174,14 +173,14 @@ def make_accelerator(config: TrainConfig, settings: ResolvedStage, folder: Path)
     return Accelerator(**options)
 
 
-def start_trackers(accelerator: Accelerator, settings: ResolvedStage, step: int) -> None:
+def start_trackers(accelerator: Accelerator, spec: StageSpec, step: int) -> None:
     """TensorBoard (when installed) under <stage>/tensorboard; on a resume, events that an earlier
     attempt logged past `step` are purged (TensorBoard hides them), as the JSON log drops its lines."""
     if not accelerator.log_with:
         return
     accelerator.init_trackers(
-        TENSORBOARD_DIR, config={"stage": settings.stage, "lr": settings.learning_rate, "steps": settings.steps,
-                                 "batch_size": settings.batch_size},
+        TENSORBOARD_DIR, config={"stage": spec.stage, "lr": spec.learning_rate, "steps": spec.steps,
+                                 "batch_size": spec.batch_size},
         init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else None,
     )
 
@@ -291,7 +290,7 @@ def store_sample(config: TrainConfig, rows: int) -> tuple[np.ndarray, list[str],
     return np.concatenate(indices), texts, np.concatenate(targets)
 
 
-def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, model: JasperStudent,
+def make_batches(config: TrainConfig, spec: StageSpec, model: JasperStudent,
                  tokenizer, accelerator: Accelerator, folder: Path, saved: dict | None) -> "Batches":
     """Stages 1-3: the store's rows; stage 4: the image-caption pairs and their cached targets."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -309,7 +308,7 @@ def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, 
                 f"student.head_dims[0] to {store.dim} (FC1 learns the whole target)."
             )
         shards = training_shards(store, config, saved)
-        plan = BlockPlan(store_blocks(store, shards, config.block_chunks), settings.batch_size, config.seed,
+        plan = BlockPlan(store_blocks(store, shards, config.block_chunks), spec.batch_size, config.seed,
                          config.shuffle_blocks, rank, world)
         dataset = lambda epoch, start: StoreBatches(  # noqa: E731
             plan, epoch, start, config.store, config.storage_options, tokenizer, config.max_length)
@@ -323,7 +322,7 @@ def make_batches(config: TrainConfig, settings: ResolvedStage, spec: StageSpec, 
                                   config.max_length)
         accelerator.wait_for_everyone()
         image_size = config.image_size or model.config.vision_config.image_size
-        plan = pair_plan(pairs, settings.batch_size, config.seed, rank, world)
+        plan = pair_plan(pairs, spec.batch_size, config.seed, rank, world)
         dataset = lambda epoch, start: ImageBatches(  # noqa: E731
             plan, epoch, start, config.images, pairs, str(captions), tokenizer, model.config, image_size,
             config.max_length)
@@ -349,32 +348,50 @@ class Batches:
 
 
 # ---------------------------------------------------------------------- the loop
-def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches, trainable, folder, step,
-               trainer_state, log_every, pooled: PooledRows | None = None) -> None:
+@dataclass
+class Recipe:
+    """What a stage trains with, as `_train_stage` built it: the loop reads everything from here."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # as accelerate wrapped it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    spec: StageSpec
+    batches: Batches
+    trainable: list[torch.nn.Parameter]
+    folder: Path
+    trainer_state: Callable[[], dict]  # what a checkpoint adds to accelerate's state
+    pooled: PooledRows | None = None  # stage 1's states encoded once (stage1_pooled)
+
+
+def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
+    """Train from `step` to the stage's last step, logging and checkpointing as the stage says."""
+    accelerator, model, optimizer, scheduler = recipe.accelerator, recipe.model, recipe.optimizer, recipe.scheduler
+    spec, batches, folder = recipe.spec, recipe.batches, recipe.folder
     model.train()
     if spec.trainable_encoder_layers == 0 and not spec.train_vision_tower:
         # stage 1: the encoder only feeds FC1 (no gradient passes through it), so it runs as it
         # will be used, without dropout; this is what makes encoding it once (`pooled`) exact
         accelerator.unwrap_model(model).text_encoder.eval()
-    samples_per_step = settings.batch_size * settings.grad_accum * accelerator.num_processes
-    bar = tqdm(total=settings.steps, initial=step, desc=f"stage {spec.stage}", unit="step",
+    samples_per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
+    bar = tqdm(total=spec.steps, initial=step, desc=f"stage {spec.stage}", unit="step",
                disable=not accelerator.is_main_process)
     log = (folder / LOG_FILE).open("a", encoding="utf-8") if accelerator.is_main_process else None
     started, first_step = time.perf_counter(), step
-    while step < settings.steps:
+    while step < spec.steps:
         values: dict[str, float] = {}
-        for micro in range(settings.grad_accum):
+        for micro in range(spec.grad_accum):
             batch = {key: value.to(accelerator.device) for key, value in batches.next().items()}
             with accelerator.accumulate(model):
-                loss = forward(model, spec, batch, pooled)
+                loss = forward(model, spec, batch, recipe.pooled)
                 check_finite(accelerator, loss.total, step + 1, micro, batch["rows"])
                 accelerator.backward(loss.total)
-                if accelerator.sync_gradients and settings.clip > 0:
-                    accelerator.clip_grad_norm_(trainable, settings.clip)
+                if accelerator.sync_gradients and spec.clip > 0:
+                    accelerator.clip_grad_norm_(recipe.trainable, spec.clip)
                 optimizer.step()
                 optimizer.zero_grad()
             for name, value in loss_values(loss).items():
-                values[name] = values.get(name, 0.0) + value.detach() / settings.grad_accum
+                values[name] = values.get(name, 0.0) + value.detach() / spec.grad_accum
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         step += 1
@@ -384,12 +401,12 @@ def train_loop(accelerator, model, optimizer, scheduler, spec, settings, batches
         if accelerator.is_main_process:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_per_s=f"{rate:.1f}")
-            if step % log_every == 0 or step == settings.steps:
+            if step % log_every == 0 or step == spec.steps:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            checkpoint.save(accelerator, folder, step, trainer_state(), settings.keep_last)
+        if step % spec.checkpoint_every == 0 or step == spec.steps:
+            checkpoint.save(accelerator, folder, step, recipe.trainer_state(), spec.keep_last)
     bar.close()
     if log:
         log.close()

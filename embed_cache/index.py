@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 CHUNK_ROWS = 8192  # 128 KB of keys + 64 KB of rows per lookup read
-BUCKET_ROWS = 1 << 21  # rows sorted at once while building (~70 MB with the sort's scratch)
+BUCKET_ROWS = 1 << 20  # rows sorted at once while building (~100 MB with the sort's scratch)
 _RECORD = np.dtype([("high", "<u8"), ("low", "<u8"), ("row", "<i8")])
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 from .hashing import text_keys
 from .index import find_sorted
 
-ROUND_TEXTS = 1 << 21  # keys sorted at once for the duplicate check (32 MB of keys)
+ROUND_TEXTS = 1 << 20  # keys sorted at once for the duplicate check (16 MB of keys)
 BUCKET_BYTES = 64 << 20  # text bytes of one bucket of rows, held in memory to be put in row order
 _BATCH = 65536
 _BLOCK = 1 << 22  # entries of the row-order files handled at once

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmarks_write_every_row(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
@@ -21,7 +24,9 @@ def test_quick_benchmarks_write_every_row(tmp_path):
                      "tiny pipeline: stage 4", "tiny pipeline: total", "nv-embed all parameters",
                      "stage-3 step per GPU", "scale: prepare at 20,000 texts", "scale: verify (all), time growth"):
         assert any(expected in name for name in what), f"no row for {expected!r}"
-    assert all(math.isfinite(row["ours"]) and row["ours"] >= 0 for row in results["rows"])
+    assert all(math.isfinite(row["ours"]) for row in results["rows"])
+    # growth exponents may be negative (a step that got faster); every other figure may not
+    assert all(row["ours"] >= 0 for row in results["rows"] if "growth exponent" not in row["what"])
     assert (tmp_path / "results.md").read_text().startswith("| what | ours |")
     # the full-size models built from the project's configs have exactly the hub checkpoints' sizes
     assert all(row["met"] for row in results["rows"] if "parameters x" in row["what"])

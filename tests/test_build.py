@@ -81,6 +81,7 @@ def test_token_budget_batches_cover_every_text_within_budget_and_fill():
     assert [len(b) for b in token_budget_batches(np.array([5000, 3]), 1000)] == [1, 1]
 
 
+@pytest.mark.slow
 def test_real_minilm_targets_equal_sentence_transformers_encode(tmp_path, teachers):
     import gzip
 
@@ -101,6 +102,7 @@ def test_real_minilm_targets_equal_sentence_transformers_encode(tmp_path, teache
     assert verify_store(store, progress=False).problems == []
 
 
+@pytest.mark.slow
 def test_two_process_build_equals_one_process_build(tmp_path, teachers):
     one, two = prepared(tmp_path, teachers, "one.zarr"), prepared(tmp_path, teachers, "two.zarr")
     code, out = finish(cli("build", "--store", one, "--teacher", "alpha", "--batch-tokens", 512))
@@ -114,6 +116,7 @@ def test_two_process_build_equals_one_process_build(tmp_path, teachers):
     assert verify_store(TargetStore.open(two), progress=False).problems == []
 
 
+@pytest.mark.slow
 def test_build_killed_at_random_points_resumes_to_the_same_store():
     # the soak script's loop, with CI's 3 kills (benchmarks/soak.py runs 20 and more)
     seed = random.randrange(2**32)
@@ -122,6 +125,7 @@ def test_build_killed_at_random_points_resumes_to_the_same_store():
     assert result["kills"] == 3 and result["identical to uninterrupted"]
 
 
+@pytest.mark.slow
 def test_two_teachers_build_concurrently_and_one_teacher_twice_is_refused(tmp_path, teachers):
     url = prepared(tmp_path, teachers)
     alpha = cli("build", "--store", url, "--teacher", "alpha", "--batch-tokens", 64)
@@ -230,6 +234,7 @@ def test_nan_from_a_teacher_names_the_rows_and_leaves_the_shard_pending(tmp_path
     assert not (Path(url) / "locks" / "alpha.json").exists()
 
 
+@pytest.mark.slow
 def test_build_with_a_spec_that_differs_from_the_store_says_what_differs(tmp_path, teachers):
     url = prepared(tmp_path, teachers, n=16)
     code, out = finish(cli("build", "--store", url, "--teacher", f"hf:{teachers[0].model}", "--dim", 64))

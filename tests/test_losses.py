@@ -214,6 +214,7 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_relative_similarity_memory_is_a_small_fraction_of_the_dense_form():
     batch = 128
     result = subprocess.run(

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from store_helpers import write_jsonl
 from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model
 
+from distill.errors import DistillError
 from distill.model import JasperStudent, build_student, image_inputs
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
@@ -301,11 +302,12 @@ def test_the_paper_student_starts_from_stellas_own_pooled_state(stella, tmp_path
 def test_a_student_whose_encoder_ships_code_needs_the_opt_in(tmp_path):
     folder = save_stella_lookalike(tmp_path / "custom")
     (folder / "modules.json").unlink()  # no Dense layout: not Stella, just a qwen2 with auto_map
-    with pytest.raises(CacheError, match="ships its own code.*trust_remote_code: true"):
+    with pytest.raises(DistillError, match="ships its own code.*trust_remote_code: true"):
         build_student(folder, save_siglip_lookalike(tmp_path / "siglip"), head_dims=[16])
 
 
 # ------------------------------------------------------------------ both, through the build
+@pytest.mark.slow
 def test_jasper_cache_build_runs_both_paper_teachers_on_lookalikes(nvembed, stella, tmp_path):
     teachers = [nv_spec(nvembed), stella_spec(stella)]
     source = write_jsonl(tmp_path / "corpus.jsonl", [f"text {i}: {TEXTS[i % len(TEXTS)]}" for i in range(24)])

@@ -44,6 +44,7 @@ def cli(*args, cwd=REPO):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_tiny_preset_writes_every_artifact(tiny_run):
     config, out, lines = tiny_run
     for name in ("cache.zarr", "heldout.zarr"):
@@ -90,6 +91,7 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["student"]["head_dims"] == [96, 32, 16, 8]
 
 
+@pytest.mark.slow
 def test_what_users_receive_holds_no_pickle_and_checkpoints_record_the_models(tiny_run):
     _, out, _ = tiny_run
     received = [*(out / "train").glob("stage*/final"), *(out / "export").iterdir()]
@@ -103,6 +105,7 @@ def test_what_users_receive_holds_no_pickle_and_checkpoints_record_the_models(ti
     assert {"text_encoder", "revision", "vision", "vision_revision"} <= set(student)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_phases_and_a_lost_final_model_is_resumed(tiny_run):
     config, out, _ = tiny_run
     scores = (out / "eval.json").read_text()
@@ -155,6 +158,7 @@ def test_config_layers_preset_file_overrides_and_flags(tmp_path):
     assert demo.train.student.head_dims == [1152, 512, 256, 128]
 
 
+@pytest.mark.slow
 def test_a_presets_sections_are_the_phases_config_files(tmp_path):
     """`show-config --section` is how the paper's phase configs are made: each loads in its phase
     exactly as the pipeline resolves it."""
@@ -169,6 +173,7 @@ def test_a_presets_sections_are_the_phases_config_files(tmp_path):
     assert wrong.returncode == 2 and "--section 'trian': choose one of" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_cli_show_config_export_and_errors(tiny_run, tmp_path):
     _, out, _ = tiny_run
     shown = cli("show-config", "--preset", "tiny", "--set", "train.stage1.steps=3", "--out", tmp_path / "x")
@@ -191,6 +196,7 @@ def test_cli_show_config_export_and_errors(tiny_run, tmp_path):
     assert json.loads(scored.stdout)["fc1"]["fidelity"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_the_demo_preset_on_a_small_slice(tmp_path):
     """The real teachers and student (provisioned from PyPI) through every phase, on 192 texts."""
     with gzip.open(DATA / "eval" / "wordnet_heldout.jsonl.gz", "rt", encoding="utf-8") as handle:

@@ -62,6 +62,7 @@ def s3(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow
 def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3):
     options, root = s3
     teacher = TeacherSpec(name="alpha", model=str(save_teacher(tmp_path / "alpha", seed=1)), dim=32)
@@ -100,6 +101,7 @@ def test_a_store_served_over_http_is_readable_and_refuses_writes(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow
 def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_path, s3):
     from safetensors.torch import load_file
     from train_helpers import SUBPROCESS_ENV, config_file, word_store

@@ -80,6 +80,7 @@ def test_caption_targets_are_the_frozen_students_heads_and_another_students_cach
     assert not np.allclose(rebuilt.vectors_for(captions), first_vectors, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_stage4_on_the_real_emoji_improves_held_out_image_to_caption_retrieval(tmp_path):
     pairs = load_pairs(EMOJI)
     order = np.random.default_rng(0).permutation(len(pairs))

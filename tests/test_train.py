@@ -47,6 +47,7 @@ def changed_parameters(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+@pytest.mark.slow
 def test_stages_1_to_3_overfit_a_fixed_batch_and_train_only_their_parameters(tmp_path, monkeypatch):
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher model was constructed during stages 1-3")
@@ -204,6 +205,7 @@ def finish(process: subprocess.Popen, timeout=300) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_here_and_on_another_machine_equals_an_uninterrupted_run(tmp_path):
     store = word_store(tmp_path / "data", n=256, shard_rows=64, chunk_rows=16)
     settings = dict(steps=40, batch=8, num_workers=1)
@@ -243,6 +245,7 @@ def test_sigkill_then_resume_here_and_on_another_machine_equals_an_uninterrupted
         assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_window_of_stages_1_and_4_then_resume_is_bit_identical():
     # the soak script's loop, with a fresh seed each run (`python -m benchmarks.soak --target train`
     # runs 20 kills): one kill forced into each window (before the first checkpoint, inside a
@@ -255,6 +258,7 @@ def test_sigkill_in_every_window_of_stages_1_and_4_then_resume_is_bit_identical(
     assert result["differences"] == [] and result["identical to uninterrupted"]
 
 
+@pytest.mark.slow
 def test_training_beside_a_running_build_reads_only_shards_every_teacher_finished(tmp_path, monkeypatch):
     from store_helpers import write_jsonl
     from train_helpers import word_texts
@@ -296,6 +300,7 @@ def test_training_beside_a_running_build_reads_only_shards_every_teacher_finishe
     assert len(TargetStore.open(url).complete_shards()) == n_shards
 
 
+@pytest.mark.slow
 def test_stage1_under_ddp_and_deepspeed_zero2_on_two_processes(tmp_path):
     store = word_store(tmp_path / "data", n=256, shard_rows=64, chunk_rows=16)
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -338,6 +343,7 @@ def test_stage1_on_pooled_states_encoded_once_takes_the_same_steps(tmp_path):
     torch.testing.assert_close(a["heads.fc1.weight"], b["heads.fc1.weight"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_status_and_user_errors(tmp_path):
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = config_file(tmp_path, store.url, steps=3)
