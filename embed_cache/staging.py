@@ -7,11 +7,12 @@ bytes plus 40 bytes per text, in the system temp folder: set TMPDIR to move it).
   an Arrow file on disk; only their 16-byte keys stay in memory for the round. A text is kept when
   its key was not kept before: within the round by a stable sort, against earlier rounds by a
   binary search of each earlier round's sorted keys (memory-mapped "runs").
-- `write_rows` gives kept text i the row `order[i]^-1` of numpy's seeded permutation (the same
-  permutation as every earlier release, so stores are identical), by routing texts to buckets of
-  consecutive rows on disk and sorting each bucket alone.
+- `write_rows` puts kept text i at the row r with order[r] = i, `order` being numpy's seeded
+  permutation (the same as every earlier release, so stores are identical), by routing texts to
+  buckets of consecutive rows on disk and sorting each bucket alone.
 """
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,16 +51,12 @@ class Candidates:
         Never takes more than `limit` texts, so a caller that asks for exactly what it still
         needs stops reading at the same text whatever the round size.
         """
-        keys, taken = [], 0
-        batch = []
-        for text in texts:
+        keys, batch = [], []
+        for text in itertools.islice(texts, limit):  # never asks `texts` for one more
             batch.append(text)
-            taken += 1
-            if len(batch) == _BATCH or taken == limit:
+            if len(batch) == _BATCH:
                 keys.append(self._stage(batch))
                 batch = []
-            if taken == limit:
-                break
         if batch:
             keys.append(self._stage(batch))
         if not keys:
