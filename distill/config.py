@@ -119,12 +119,9 @@ class TrainConfig:
     stage4: StageSettings = field(default_factory=StageSettings)
 
     def stage(self, number: int) -> StageSpec:
-        """Stage `number` as this config runs it: the paper's stage (distill.stages.STAGES) with this
-        config's settings over it (None keeps the paper's value)."""
-        overrides = {key: value for key, value in dataclasses.asdict(getattr(self, f"stage{number}")).items()
-                     if value is not None}
-        return dataclasses.replace(STAGES[number], **overrides,
-                                   self_distillation=self.self_distillation and number == 3)
+        """Stage `number` as this config runs it: the paper's stage with this config's settings over it."""
+        return stage_with(number, {**dataclasses.asdict(getattr(self, f"stage{number}")),
+                                   "self_distillation": self.self_distillation and number == 3})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,17 +138,18 @@ def resume_differences(saved: dict, current: TrainConfig, stage: int) -> list[st
     keys = [*_RESUME_INVARIANT, f"stage{stage}"]
     diffs = [f"{key}: {saved.get(key)!r} != {now[key]!r}" for key in keys
              if key != f"stage{stage}" and saved.get(key) != now[key]]
-    paper = STAGES[stage]
-
-    def resolved(section: dict) -> dict:  # a setting left None is the stage's own, whoever wrote it
-        return {field.name: getattr(paper, field.name) if section.get(field.name) is None else section[field.name]
-                for field in dataclasses.fields(StageSettings)}
-
-    mine, theirs = resolved(now[f"stage{stage}"]), resolved(saved.get(f"stage{stage}", {}))
+    # compared as run: a setting left None is the stage's own, whichever config wrote it
+    mine, theirs = stage_with(stage, now[f"stage{stage}"]), stage_with(stage, saved.get(f"stage{stage}", {}))
     variable = {"checkpoint_every", "keep_last"}
-    diffs += [f"stage{stage}.{key}: {theirs[key]!r} != {value!r}"
-              for key, value in mine.items() if key not in variable and theirs[key] != value]
+    diffs += [f"stage{stage}.{field.name}: {getattr(theirs, field.name)!r} != {getattr(mine, field.name)!r}"
+              for field in dataclasses.fields(StageSettings)
+              if field.name not in variable and getattr(theirs, field.name) != getattr(mine, field.name)]
     return diffs
+
+
+def stage_with(number: int, settings: dict) -> StageSpec:
+    """The paper's stage `number` (distill.stages.STAGES) with `settings` over it; None keeps its value."""
+    return dataclasses.replace(STAGES[number], **{key: value for key, value in settings.items() if value is not None})
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), **flags) -> TrainConfig:

@@ -189,7 +189,7 @@ def lookup_command(
     """
     import numpy as np
 
-    from .hashing import text_key, text_keys
+    from .hashing import text_keys
     from .store import TargetStore
 
     if (text is None) == (file is None):
@@ -204,8 +204,9 @@ def lookup_command(
         missing = int((rows < 0).sum())
         Console(stderr=True).print(f"found {len(lines) - missing:,} of {len(lines):,} texts.", highlight=False)
         raise typer.Exit(1 if missing else 0)
-    high, low = text_key(text)
-    row = int(store.lookup_rows([text])[0])
+    key = text_keys([text])
+    high, low = key[0].tolist()
+    row = int(store.rows_of_keys(key)[0])
     if row < 0:
         console.print(f"not in store (key {high:016x}{low:016x}).")
         raise typer.Exit(1)

@@ -325,6 +325,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
             report = SourceReport(source.label, share)
             reports.append(report)
             texts = candidate_texts(source, config.augment, np.random.default_rng(seed), report)
+            offered_before = candidates.offered
             while report.kept < share:
                 offered = candidates.offered
                 # Asking for no more than the source still needs means reading stops right after
@@ -333,8 +334,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
                 if candidates.offered == offered:
                     log(f"warning: {source.label} ran out after {report.kept} of its {share} texts.")
                     break
-                report.duplicates += candidates.offered - offered
-            report.duplicates -= report.kept
+            report.duplicates = candidates.offered - offered_before - report.kept  # offered, not kept
         candidates.close()
 
         n_rows = candidates.kept

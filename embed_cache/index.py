@@ -40,10 +40,8 @@ def build_index(group, keys_array, read_rows: int = 1 << 20) -> None:
             records["high"], records["low"] = block[:, 0], block[:, 1]
             records["row"] = np.arange(start, start + len(block))
             bucket = (block[:, 0] >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(block), np.int64)
-            order = np.argsort(bucket, kind="stable")
-            bounds = np.searchsorted(bucket[order], np.arange((1 << bits) + 1))
-            for number, handle in enumerate(handles):
-                records[order[bounds[number]:bounds[number + 1]]].tofile(handle)
+            for handle, members in zip(handles, split_by_bucket(bucket, len(handles))):
+                records[members].tofile(handle)
         for handle in handles:
             handle.close()
         writer = _AlignedWriter(keys_out, rows_out)
@@ -55,6 +53,13 @@ def build_index(group, keys_array, read_rows: int = 1 << 20) -> None:
         writer.close()
     group.create_array("index/fences", data=writer.fences(), chunks=(max(1, len(writer.fences())),),
                        compressors=None)
+
+
+def split_by_bucket(bucket: np.ndarray, n_buckets: int) -> list[np.ndarray]:
+    """For each bucket 0..n_buckets-1, the positions of `bucket` that hold it, in their order."""
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+    return [order[bounds[number]:bounds[number + 1]] for number in range(n_buckets)]
 
 
 class _AlignedWriter:

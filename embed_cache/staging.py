@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .hashing import text_keys
-from .index import find_sorted
+from .index import find_sorted, split_by_bucket
 
 ROUND_TEXTS = 1 << 20  # keys sorted at once for the duplicate check (16 MB of keys)
 BUCKET_BYTES = 64 << 20  # text bytes of one bucket of rows, held in memory to be put in row order
@@ -151,11 +151,7 @@ def write_rows(candidates: Candidates, order: Path, n_rows: int, shard_rows: int
     for texts, keys in candidates.kept_batches():
         rows = read_slice(where_path, dtype, done, len(texts)).astype(np.int64)
         done += len(texts)
-        bucket = rows // bucket_rows
-        by_bucket = np.argsort(bucket, kind="stable")
-        bounds = np.searchsorted(bucket[by_bucket], np.arange(len(paths) + 1))
-        for number, writer in enumerate(writers):
-            take = by_bucket[bounds[number]:bounds[number + 1]]
+        for writer, take in zip(writers, split_by_bucket(rows // bucket_rows, len(writers))):
             if take.size:
                 writer.write_batch(pa.record_batch([pa.array(rows[take]), pa.array(keys[take, 0]),
                                                     pa.array(keys[take, 1]), texts.take(pa.array(take))],
@@ -167,12 +163,12 @@ def write_rows(candidates: Candidates, order: Path, n_rows: int, shard_rows: int
         with pa.OSFile(str(path), "rb") as handle:
             table = pa.ipc.open_stream(handle).read_all()
         path.unlink()
-        order = np.argsort(table.column("row").to_numpy())
-        keys = np.stack([table.column("high").to_numpy(), table.column("low").to_numpy()], axis=1)[order]
+        by_row = np.argsort(table.column("row").to_numpy())
+        keys = np.stack([table.column("high").to_numpy(), table.column("low").to_numpy()], axis=1)[by_row]
         texts = table.column("text")
         first_shard = number * bucket_rows // shard_rows
         for offset in range(0, table.num_rows, shard_rows):
-            shard_texts = texts.take(pa.array(order[offset:offset + shard_rows])).to_pylist()
+            shard_texts = texts.take(pa.array(by_row[offset:offset + shard_rows])).to_pylist()
             write_shard(first_shard + offset // shard_rows, shard_texts, keys[offset:offset + shard_rows])
         del table, texts
         pa.default_memory_pool().release_unused()  # mimalloc keeps a bucket's freed pages otherwise
