@@ -32,6 +32,7 @@ from tqdm import tqdm
 from distill.data import BlockPlan, WindowedBatches
 from distill.errors import DistillError
 from distill.model import JasperStudent, image_inputs
+from distill.pooled import head_vectors
 from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.spec import TeacherSpec
@@ -119,7 +120,6 @@ def caption_spec(model: JasperStudent, max_length: int) -> TeacherSpec:
     )
 
 
-@torch.no_grad()
 def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], url: str | Path,
                           max_length: int, batch_size: int = 64, log=print) -> None:
     """Cache the frozen student's caption vectors at `url`; reuse a cache made by the same student."""
@@ -139,21 +139,11 @@ def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], 
             augment=AugmentSpec.none(), overwrite=True,
         ), log=lambda *_: None)
     store = TargetStore.open(url, mode="r+", teacher=spec)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scale = 1.0 / np.sqrt(len(model.config.head_dims))
+    scale = len(model.config.head_dims) ** -0.5
     for shard in tqdm(range(store.n_shards), desc="caption targets", unit="shard"):
-        texts = store.read_texts(*store.shard_range(shard))
-        blocks = []
-        for first in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[first:first + batch_size], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(device)
-            heads = model.encode_text(batch["input_ids"], batch["attention_mask"])
-            blocks.append(torch.cat([torch.nn.functional.normalize(v.float(), dim=-1) for v in heads.values()], dim=-1))
-        vectors = (torch.cat(blocks) * scale).cpu().numpy()
-        store.mark_done(CAPTION_TEACHER, shard, store.write_shard(CAPTION_TEACHER, shard, vectors))
-    model.train(was_training)
+        heads = head_vectors(model, tokenizer, store.read_texts(*store.shard_range(shard)), batch_size, max_length)
+        vectors = np.concatenate([v / np.linalg.norm(v, axis=-1, keepdims=True) for v in heads.values()], axis=-1)
+        store.mark_done(CAPTION_TEACHER, shard, store.write_shard(CAPTION_TEACHER, shard, vectors * scale))
     log(f"cached caption targets of {len(unique)} captions in {url}")
 
 

@@ -46,6 +46,18 @@ def pooled_states(model: JasperStudent, tokenizer, texts: list[str], batch_size:
     return states[torch.from_numpy(np.argsort(order, kind="stable"))]
 
 
+@torch.no_grad()
+def head_vectors(model: JasperStudent, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
+                 states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """{head: (n, d) raw float32 vectors} of `texts`, in order: the student's one batched text encoder
+    (evaluation, export checks and the stage-4 caption targets). Pass `states` (their pooled states)
+    to apply only the heads."""
+    if states is None:
+        states = pooled_states(model, tokenizer, texts, batch_size, max_length)
+    device = next(model.parameters()).device
+    return {head: vectors.float().cpu().numpy() for head, vectors in model(pooled=states.to(device)).items()}
+
+
 class PooledRows:
     """The pooled states of a store's rows, looked up by global row index."""
 

@@ -26,7 +26,7 @@ import torch
 from scipy.stats import spearmanr
 
 from distill.images import weights_fingerprint
-from distill.pooled import pooled_states
+from distill.pooled import head_vectors, pooled_states
 
 DATA = Path(__file__).resolve().parent / "data"
 TextEncoder = Callable[[list[str]], np.ndarray]
@@ -101,7 +101,7 @@ def image_caption_retrieval(model, tokenizer, folder: Path, pairs, image_size: i
         placeholders = image_inputs(tokenizer, model.config, [""] * len(batch))
         images.append(model.encode_image(pixels, placeholders["input_ids"], placeholders["attention_mask"]))
     model.train(was_training)
-    captions = student_vectors(model, tokenizer, [pair.caption for pair in pairs], batch_size)
+    captions = head_vectors(model, tokenizer, [pair.caption for pair in pairs], batch_size)
     return {head: retrieval_metrics(torch.cat([b[head] for b in images]).float().numpy(), captions[head])
             for head in images[0]}
 
@@ -117,16 +117,6 @@ def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
     results.update({f"python-docs {k}": v for k, v in python_docs_retrieval(
         encode, data / "eval" / "python_docs_retrieval.jsonl.gz").items()})
     return results
-
-
-@torch.no_grad()
-def student_vectors(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
-                    states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """{head: (n, d) raw vectors} for `texts`, in order (from their pooled `states` when given)."""
-    if states is None:
-        states = pooled_states(model, tokenizer, texts, batch_size, max_length)
-    device = next(model.parameters()).device
-    return {head: vectors.float().cpu().numpy() for head, vectors in model(pooled=states.to(device)).items()}
 
 
 class StudentHeads:
@@ -147,7 +137,7 @@ class StudentHeads:
         key = (self.encoder, self.max_length, tuple(texts))
         if key not in self.states:
             self.states[key] = pooled_states(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length)
-        return student_vectors(self.model, self.tokenizer, list(texts), states=self.states[key])
+        return head_vectors(self.model, self.tokenizer, list(texts), states=self.states[key])
 
     def encoder_of(self, head: str) -> TextEncoder:
         return lambda texts: self.vectors(texts)[head]

@@ -22,7 +22,7 @@ from mteb.models.model_meta import ScoringFunction
 from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
-from pipeline.evaluate import student_vectors
+from distill.pooled import head_vectors
 from pipeline.export import PROMPTS
 
 SYMMETRIC_TASK_TYPES = ("STS", "Classification", "MultilabelClassification", "Clustering",
@@ -52,5 +52,5 @@ class MTEBStudent(AbsEncoder):
         name = self.get_prompt_name(task_metadata, prompt_type)
         prompt = self.model_prompts.get(name, "") if name else ""
         texts = [prompt + text for batch in inputs for text in batch["text"]]
-        vectors = student_vectors(self.model, self.tokenizer, texts, self.batch_size, self.max_length)[self.head]
+        vectors = head_vectors(self.model, self.tokenizer, texts, self.batch_size, self.max_length)[self.head]
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

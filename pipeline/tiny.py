@@ -1,8 +1,9 @@
-"""Tiny random models for the `tiny` preset and the tests: two teachers and a student encoder.
+"""Tiny random models for the `tiny` preset, the tests and the benchmarks: the project's one factory.
 
-Everything is built locally from configs in well under a second: byte-level tokenizers (so every
-distinct text gets distinct tokens), BERT teachers saved as sentence-transformers folders
-(Transformer -> mean Pooling [-> Dense] -> Normalize) and a 4-layer Qwen2 student encoder.
+Everything is built locally from configs in well under a second: tokenizers (byte-level, so every
+distinct text gets distinct tokens, or word-level over a given list), BERT and Qwen2 encoders of
+width 32, BERT teachers saved as sentence-transformers folders (Transformer -> mean Pooling
+[-> Dense] -> Normalize) and a 4-layer Qwen2 student encoder.
 """
 
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+from transformers import BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
 HIDDEN = 32
+# Qwen2 gets more than 3 layers, so that stage 2's "the last 3 layers" is a proper subset.
+LAYERS = {"bert": 2, "qwen2": 4}
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -35,6 +38,28 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `words` (anything else is [UNK])."""
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tiny_encoder(kind: str, vocab_size: int, layers: int | None = None, max_positions: int = 512) -> PreTrainedModel:
+    """A random `bert` or `qwen2` encoder of width HIDDEN (seed torch first for fixed weights)."""
+    layers = layers or LAYERS.get(kind)
+    if kind == "bert":
+        return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64,
+                                    num_hidden_layers=layers, num_attention_heads=4,
+                                    max_position_embeddings=max_positions))
+    if kind == "qwen2":
+        return Qwen2Model(Qwen2Config(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max_positions))
+    raise ValueError(f"unknown encoder kind {kind!r}: use 'bert' or 'qwen2'")
+
+
 def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers: int = 2,
                  tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
     """A BERT teacher: Transformer -> mean Pooling [-> Dense out_dim] -> Normalize, in folder/model.
@@ -42,9 +67,7 @@ def save_teacher(folder: Path, seed: int = 0, out_dim: int | None = None, layers
     torch.manual_seed(seed)
     tokenizer = tokenizer or char_tokenizer()
     encoder_dir = folder / "encoder"
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4,
-                         max_position_embeddings=512)).save_pretrained(encoder_dir)
+    tiny_encoder("bert", len(tokenizer), layers).save_pretrained(encoder_dir)
     tokenizer.save_pretrained(encoder_dir)
     modules = [Transformer(str(encoder_dir), max_seq_length=512), Pooling(HIDDEN, "mean")]
     if out_dim is not None:
@@ -59,9 +82,7 @@ def save_student_encoder(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     qwen2 config.json would reload as Qwen2Tokenizer, whose pre-tokenizer differs."""
     torch.manual_seed(seed)
     tokenizer = char_tokenizer()
-    Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=512)).save_pretrained(folder / "encoder")
+    tiny_encoder("qwen2", len(tokenizer)).save_pretrained(folder / "encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder / "encoder", folder / "tokenizer"
 

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from tiny_models import (
-    TEXT_HIDDEN,
     TINY_HEAD_DIMS,
     TINY_IMAGE_SIZE,
     TINY_NUM_IMG_TOKENS,
@@ -29,6 +28,7 @@ from distill.model import (
     mean_pool,
     prepare_tokenizer,
 )
+from pipeline.tiny import HIDDEN
 
 ENCODERS = ["qwen2", "bert"]
 TEXTS = ["a cat sat on the mat", "the dog ran", "a small red photo of a big blue dog far away"]
@@ -173,7 +173,7 @@ def test_image_path_writes_the_pooled_patches_into_the_placeholders(student):
     assert placeholders.sum(dim=1).tolist() == [TINY_NUM_IMG_TOKENS] * 2
     embeds = captured["inputs_embeds"]
     for row in range(2):
-        expected = adaptive_average(patches[row], TINY_NUM_IMG_TOKENS, TEXT_HIDDEN)
+        expected = adaptive_average(patches[row], TINY_NUM_IMG_TOKENS, HIDDEN)
         torch.testing.assert_close(embeds[row][placeholders[row]], expected)
         torch.testing.assert_close(embeds[row][~placeholders[row]], token_embeddings[row][~placeholders[row]])
 

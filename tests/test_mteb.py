@@ -9,8 +9,9 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
 from tiny_models import tiny_student
 
+from distill.pooled import head_vectors
 from pipeline.config import DATA
-from pipeline.evaluate import read_word_pairs, student_vectors, word_pair_spearman
+from pipeline.evaluate import read_word_pairs, word_pair_spearman
 from pipeline.export import PROMPTS
 from pipeline.mteb_adapter import MTEBStudent
 
@@ -49,7 +50,7 @@ def test_mteb_scores_a_head_as_the_project_does(student):
                            show_progress_bar=False)
     scores = result.task_results[0].scores["test"][0]
     # STS is symmetric: Stella's s2s_query prompt on both sides
-    encode = lambda texts: student_vectors(model, tokenizer, [PROMPTS["s2s_query"] + t for t in texts])["fc2"]  # noqa: E731
+    encode = lambda texts: head_vectors(model, tokenizer, [PROMPTS["s2s_query"] + t for t in texts])["fc2"]  # noqa: E731
     assert scores["cosine_spearman"] == pytest.approx(word_pair_spearman(encode, WORDSIM), abs=1e-6)
 
 

@@ -15,13 +15,13 @@ from transformers import AutoTokenizer
 
 from distill.config import load_config
 from distill.model import JasperStudent
+from distill.pooled import head_vectors
 from embed_cache.config import from_mapping, layered_mapping
 from embed_cache.corpus import PrepareConfig
 from embed_cache.errors import JasperError
 from embed_cache.store import TargetStore
 from embed_cache.verify import verify_store
 from pipeline.config import DATA, PipelineError, load_pipeline_config
-from pipeline.evaluate import student_vectors
 from pipeline.run import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
 
     student = JasperStudent.from_pretrained(out / "train" / "stage4" / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "train" / "stage4" / "final")
-    expected = student_vectors(student, tokenizer, TEXTS, max_length=config.train.max_length)
+    expected = head_vectors(student, tokenizer, TEXTS, max_length=config.train.max_length)
     for head, dim in (("fc1", 96), ("fc4", 8)):
         exported = SentenceTransformer(str(out / "export" / f"dim-{dim}"), device="cpu")
         unit = expected[head] / np.linalg.norm(expected[head], axis=1, keepdims=True)

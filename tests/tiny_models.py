@@ -1,37 +1,24 @@
-"""Tiny random encoders, tokenizers and students for tests: no network, built in milliseconds."""
+"""Tiny students for tests, from pipeline.tiny's encoders: no network, built in milliseconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    BertConfig,
-    BertModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2Model,
-    SiglipVisionConfig,
-)
+from transformers import PreTrainedTokenizerFast, SiglipVisionConfig
 
 from distill.model import JasperStudent, build_student
+from pipeline.tiny import tiny_encoder, word_tokenizer
 
 WORDS = "a the cat dog sat on mat ran far away small big red blue photo of".split()
 TINY_HEAD_DIMS = (24, 16, 8, 4)
 TINY_NUM_IMG_TOKENS = 5
 TINY_IMAGE_SIZE = 32
-TEXT_HIDDEN = 32
-QWEN2_LAYERS = 4  # more than 3, so that "the last 3 layers" is a proper subset
-BERT_LAYERS = 2
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over WORDS (saved and loaded as PreTrainedTokenizerFast)."""
-    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    return word_tokenizer(WORDS)
 
 
 def tiny_vision_config() -> SiglipVisionConfig:
@@ -49,33 +36,7 @@ def tiny_vision_config() -> SiglipVisionConfig:
 def save_text_encoder(kind: str, folder: Path) -> Path:
     """Write a tiny random ``qwen2`` or ``bert`` encoder to ``folder`` (weights + config only)."""
     torch.manual_seed(0)
-    vocab_size = len(tiny_tokenizer())
-    if kind == "qwen2":
-        encoder = Qwen2Model(
-            Qwen2Config(
-                vocab_size=vocab_size,
-                hidden_size=TEXT_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=QWEN2_LAYERS,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-            )
-        )
-    elif kind == "bert":
-        encoder = BertModel(
-            BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=TEXT_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=BERT_LAYERS,
-                num_attention_heads=4,
-                max_position_embeddings=128,
-            )
-        )
-    else:
-        raise ValueError(f"unknown encoder kind {kind!r}")
-    encoder.save_pretrained(folder)
+    tiny_encoder(kind, len(tiny_tokenizer()), max_positions=128).save_pretrained(folder)
     return folder
 
 
