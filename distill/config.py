@@ -26,7 +26,7 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.model import PAPER_HEAD_DIMS, PAPER_NUM_IMG_TOKENS
 from distill.stages import STAGES, StageSpec
-from embed_cache.config import from_mapping, layered_mapping
+from embed_cache.config import from_mapping, layered_mapping, without_credentials
 from embed_cache.files import write_atomic
 
 
@@ -124,7 +124,8 @@ class TrainConfig:
                                    "self_distillation": self.self_distillation and number == 3})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as saved with checkpoints and final models: credentials redacted."""
+        return without_credentials(dataclasses.asdict(self))
 
 
 # Settings that change the numbers a run computes: a resumed run must keep them. Everything

@@ -15,14 +15,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .api import ApiSettings
+from .api_teacher import ApiShardEncoder, Estimate
 from .config import BATCH_TOKENS
 from .errors import CacheError
+from .journal import Journal
 from .lock import BuildLock
 from .spec import TeacherSpec
 from .store import TargetStore
@@ -37,6 +41,9 @@ class BuildSummary:
     real_tokens: int = 0
     computed_tokens: int = 0  # batch size x padded length, summed over batches
     truncated: int = 0  # texts longer than max_length
+    requests: int = 0  # API teachers: requests answered (each paid for)
+    retries: int = 0  # API teachers: requests sent again after a 429, 5xx or timeout
+    reused: int = 0  # API teachers: texts taken from the journal of an interrupted build
     load_seconds: float = 0.0
     seconds: float = 0.0  # encoding and writing, after the model is loaded
 
@@ -45,7 +52,7 @@ class BuildSummary:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
     def merge(self, other: "BuildSummary") -> None:
-        for name in ("shards", "texts", "real_tokens", "computed_tokens", "truncated"):
+        for name in ("shards", "texts", "real_tokens", "computed_tokens", "truncated", "requests", "retries", "reused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds = max(self.seconds, other.seconds)
         self.load_seconds = max(self.load_seconds, other.load_seconds)
@@ -75,13 +82,16 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, min_fill: float
 class ShardEncoder:
     """A loaded teacher that turns a shard's texts into its block of stored targets."""
 
-    def __init__(self, spec: TeacherSpec, n_teachers: int, device: str | None = None):
-        self.spec = spec
+    def __init__(self, spec: TeacherSpec, n_teachers: int, device: str | None = None, batch_tokens: int = BATCH_TOKENS):
+        self.spec, self.batch_tokens = spec, batch_tokens
         self.model = load_teacher(spec, device)
         self.model.eval()
         self.device = self.model.device
         self.autocast = autocast_dtype(spec, self.device)
         self.scale = 1.0 / np.sqrt(n_teachers)
+
+    def encode_shard(self, store: TargetStore, shard: int, summary: BuildSummary, on_batch=None) -> np.ndarray:
+        return self.encode(store.read_texts(*store.shard_range(shard)), self.batch_tokens, summary, on_batch)
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_tokens: int, summary: BuildSummary, on_batch=None) -> np.ndarray:
@@ -107,8 +117,8 @@ class ShardEncoder:
 class ShardWriter:
     """Writes finished shards on a background thread, at most `depth` shards behind compute."""
 
-    def __init__(self, store: TargetStore, teacher: str, depth: int = 2):
-        self.store, self.teacher = store, teacher
+    def __init__(self, store: TargetStore, teacher: str, depth: int = 2, on_done=None):
+        self.store, self.teacher, self.on_done = store, teacher, on_done
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="shard-writer")
@@ -121,6 +131,8 @@ class ShardWriter:
                 try:
                     digest = self.store.write_shard(self.teacher, shard, block)
                     self.store.mark_done(self.teacher, shard, digest)  # after the data, always
+                    if self.on_done is not None:
+                        self.on_done(shard)
                 except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
                     self._error = err
 
@@ -162,9 +174,11 @@ def build(
     storage_options: dict | None = None,
     progress: bool = True,
     log=print,
+    api: ApiSettings | None = None,
 ) -> BuildSummary:
     """Encode every pending shard of `teacher`; a rerun skips done shards. Returns the summary
-    summed over ranks (on every rank)."""
+    summed over ranks (on every rank). An API teacher (spec.provider) is called with `api` settings,
+    after its estimate is logged (and checked against api.max_cost)."""
     rank, world = _distributed()
     store = TargetStore.open(store_url, mode="r+", teacher=expected_spec, storage_options=storage_options)
     spec = store.columns(teacher).spec
@@ -175,7 +189,13 @@ def build(
     if rank == 0:
         try:
             lock.acquire(force=force_unlock, log=log)
-            plan = [store.pending_shards(teacher)]
+            try:
+                plan = [store.pending_shards(teacher)]
+                if spec.provider != "local":  # what it will cost, before anything is spent
+                    check_estimate(store, spec, plan[0], api or ApiSettings(), storage_options, log)
+            except BaseException:
+                lock.release()
+                raise
         except CacheError as err:
             plan = [err]
     if world > 1:
@@ -185,8 +205,9 @@ def build(
     mine = plan[0][rank::world]
     summary = BuildSummary(teacher)
     try:
-        summary = _build_shards(store, spec, mine, batch_tokens, device or _default_device(rank),
-                                progress and rank == 0, log if rank == 0 else (lambda *_: None))
+        encoder = partial(_encoder, store, spec, batch_tokens, device or _default_device(rank), api, storage_options)
+        summary = _build_shards(store, spec, mine, encoder, progress and rank == 0,
+                                log if rank == 0 else (lambda *_: None))
         if world > 1:
             every = [None] * world
             dist.all_gather_object(every, summary)
@@ -203,13 +224,31 @@ def build(
     return summary
 
 
-def _build_shards(store, spec, shards, batch_tokens, device, progress, log) -> BuildSummary:
+def _encoder(store, spec, batch_tokens, device, api, storage_options):
+    if spec.provider == "local":
+        return ShardEncoder(spec, len(store.teachers), device, batch_tokens)
+    journal = Journal(store.url, spec.name, storage_options)
+    return ApiShardEncoder(spec, len(store.teachers), api or ApiSettings(), journal)
+
+
+def check_estimate(store, spec, shards, api: ApiSettings, storage_options, log) -> Estimate:
+    """Log what building `shards` of an API teacher will cost; refuse above api.max_cost."""
+    estimate = ApiShardEncoder(spec, len(store.teachers), api, Journal(store.url, spec.name, storage_options)
+                               ).estimate(store, shards)
+    log(estimate.describe(spec.name))
+    if api.max_cost is not None and (estimate.cost is None or estimate.cost > api.max_cost):
+        raise CacheError(f"the build of {spec.name!r} is estimated at {estimate.describe(spec.name)}, over "
+                         f"api.max_cost=${api.max_cost}: raise api.max_cost, or build fewer texts. Nothing was spent.")
+    return estimate
+
+
+def _build_shards(store, spec, shards, make_encoder, progress, log) -> BuildSummary:
     summary = BuildSummary(spec.name)
     if not shards:
         log(f"teacher {spec.name!r}: nothing to do, every shard is done.")
         return summary
     loading = time.perf_counter()
-    encoder = ShardEncoder(spec, len(store.teachers), device)
+    encoder = make_encoder()
     started = time.perf_counter()
     summary.load_seconds = started - loading
     total_texts = sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in shards)
@@ -219,11 +258,12 @@ def _build_shards(store, spec, shards, batch_tokens, device, progress, log) -> B
         bar.update(texts)
         bar.set_postfix(tokens_per_s=f"{summary.real_tokens / (time.perf_counter() - started):,.0f}")
 
-    writer = ShardWriter(store, spec.name)
+    journal = getattr(encoder, "journal", None)
+    writer = ShardWriter(store, spec.name, on_done=journal.clear if journal is not None else None)
     try:
         for shard in shards:
             start, stop = store.shard_range(shard)
-            block = encoder.encode(store.read_texts(start, stop), batch_tokens, summary, on_batch)
+            block = encoder.encode_shard(store, shard, summary, on_batch)
             bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
             if bad.size:
                 raise CacheError(

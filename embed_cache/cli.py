@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .api import ApiSettings
 from .config import BATCH_TOKENS, from_mapping, layered_mapping
-from .errors import run_cli
+from .errors import CacheError, run_cli
 from .spec import resolve_teacher
 
 app = typer.Typer(
@@ -67,6 +68,18 @@ class BuildConfig:
     batch_tokens: int = BATCH_TOKENS
     device: str | None = None
     storage_options: dict = field(default_factory=dict)
+    api: ApiSettings = field(default_factory=ApiSettings)  # API teachers: keys, concurrency, limits, prices
+
+    def expected_teacher(self):
+        """(the teacher's name in the store, the spec it must have, or None to take the store's)."""
+        if ":" in self.teacher or self.dim is not None:  # hf:PATH, openai:MODEL ...: a spec, not a name
+            spec = resolve_teacher({"preset": self.teacher, **({"dim": self.dim} if self.dim is not None else {})})
+            return spec.name, spec
+        return self.teacher, None
+
+
+def build_settings(config, overrides, **flags) -> BuildConfig:
+    return from_mapping(BuildConfig, layered_mapping([config], overrides, flags), where=str(config or "build"))
 
 
 @app.command("build")
@@ -83,23 +96,40 @@ def build_command(
     """Run one teacher over every pending shard; rerun to resume. Works under torchrun/accelerate launch."""
     from .build import build
 
-    flags = {"store": store, "teacher": teacher, "dim": dim, "batch_tokens": batch_tokens, "device": device}
-    settings = from_mapping(BuildConfig, layered_mapping([config], overrides, flags), where=str(config or "build"))
-    expected = None
-    name = settings.teacher
-    if name.startswith("hf:") or settings.dim is not None:
-        entry = {"preset": name, **({"dim": settings.dim} if settings.dim is not None else {})}
-        expected = resolve_teacher(entry)
-        name = expected.name
+    settings = build_settings(config, overrides, store=store, teacher=teacher, dim=dim, batch_tokens=batch_tokens,
+                              device=device)
+    name, expected = settings.expected_teacher()
     summary = build(settings.store, name, settings.batch_tokens, settings.device, force_unlock,
-                    expected, settings.storage_options, log=console.print)
+                    expected, settings.storage_options, log=console.print, api=settings.api)
     if summary.texts and os.environ.get("RANK", "0") == "0":  # one summary per launch, not per rank
         console.print(
             f"built {summary.texts:,} texts ({summary.shards} shards) of teacher {name!r} in "
             f"{summary.seconds:.1f} s after {summary.load_seconds:.1f} s loading: {summary.texts / summary.seconds:,.1f} texts/s, "
-            f"{summary.real_tokens / summary.seconds:,.0f} tokens/s, padded-token efficiency "
-            f"{summary.padding_efficiency:.3f}, {summary.truncated:,} texts truncated to max_length."
+            f"{summary.real_tokens / summary.seconds:,.0f} tokens/s, "
+            + (f"{summary.requests:,} requests, {summary.retries:,} retries, {summary.reused:,} texts from the journal, "
+               if summary.requests or summary.reused else f"padded-token efficiency {summary.padding_efficiency:.3f}, ")
+            + f"{summary.truncated:,} texts truncated to max_length."
         )
+
+
+@app.command("estimate")
+def estimate_command(
+    store: str = typer.Option(None, "--store", "-s", help="Store path or fsspec URL made by `prepare`."),
+    teacher: str = typer.Option(None, "--teacher", "-t", help="An API teacher recorded in the store (openai-text-embedding-3-small, ...)."),
+    config: Path = typer.Option(None, "--config", "-c", help="The build's YAML (its `api:` prices and limits apply)."),
+    overrides: list[str] = SET,
+):
+    """Texts, tokens, requests and cost of building an API teacher's pending shards; spends nothing."""
+    from .build import check_estimate
+    from .store import TargetStore
+
+    settings = build_settings(config, overrides, store=store, teacher=teacher)
+    name, expected = settings.expected_teacher()
+    opened = TargetStore.open(settings.store, teacher=expected, storage_options=settings.storage_options)
+    spec = opened.columns(name).spec
+    if spec.provider == "local":
+        raise CacheError(f"teacher {name!r} runs locally: it costs compute, not money; `build` it.")
+    check_estimate(opened, spec, opened.pending_shards(name), settings.api, settings.storage_options, console.print)
 
 
 @app.command("status")

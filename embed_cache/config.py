@@ -137,3 +137,27 @@ def check_name(name: str, key: str) -> None:
             f"{key}={name!r} is used as a folder name: use letters, digits, '.', '_' and '-' only, starting "
             "with a letter or digit (no '/' or '..')."
         )
+
+
+# Parts of a key that mark a credential in fsspec / boto / gcsfs / adlfs options: key, secret,
+# token (aws_session_token, sas_token), password, connection_string (it holds the account key), ...
+_CREDENTIAL_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "connection_string",
+                     "signature", "auth", "sas")
+REDACTED = "<redacted: give it through the environment>"
+
+
+def without_credentials(value, inside_options: bool = False):
+    """A copy of a config mapping that is safe to write or print: under every `storage_options`,
+    each credential-like field (key, secret, token, password, ... at any depth) is REDACTED.
+
+    Only `storage_options` is searched: elsewhere `batch_tokens` or `tokenizer` are settings. Nothing
+    reads a saved config back for its credentials (a resume takes them from the current config)."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if inside_options and any(part in str(key).lower() for part in _CREDENTIAL_PARTS)
+            else without_credentials(item, inside_options or key == "storage_options")
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [without_credentials(item, inside_options) for item in value]
+    return value

@@ -8,6 +8,7 @@ encoder is `embed_cache.teachers`.
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import CacheError
 
@@ -16,6 +17,7 @@ EOS_MODES = ("none", "text", "token")  # see TeacherSpec.eos
 # What the released stella_en_1.5B_v5 does (the evidence is in embed_cache/stella.py and the README).
 STELLA_ATTENTION = "bidirectional"
 STELLA_EOS = "token"
+API_PROVIDERS = ("openai", "cohere", "voyage", "openai-compatible")  # embed_cache.providers.PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ class TeacherSpec:
     dense_head: str | None = None  # a Dense folder to use instead of modules.json's (Stella's 2_Dense_8192)
     # "bidirectional" / "causal" for the natively implemented decoders; "model" for the rest
     attention: str = "model"
+    # Embedding APIs (embed_cache.providers): "local" runs the model here. For an API, `model` is the
+    # provider's model name, `max_length` its tokens per text, and `truncation` says what happens to
+    # a longer text: "truncate" (the provider cuts it, or we do with its tokenizer) or "refuse" (error)
+    provider: str = "local"
+    input_type: str | None = None
+    truncation: str = "truncate"
+    base_url: str | None = None  # the endpoint; None: the provider's own. Never holds credentials
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -51,6 +60,31 @@ class TeacherSpec:
         if self.attention not in ("model", *ATTENTION_MODES):
             raise CacheError(f"teacher {self.name!r} has attention={self.attention!r}: use 'model' or one of "
                              f"{ATTENTION_MODES}.")
+
+        if self.provider != "local":
+            self._check_api()
+
+    def _check_api(self) -> None:
+        from .providers import PROVIDERS
+
+        provider = PROVIDERS.get(self.provider)
+        if provider is None:
+            raise CacheError(f"teacher {self.name!r} has provider={self.provider!r}: use 'local' or one of "
+                             f"{sorted(PROVIDERS)}.")
+        if self.truncation not in ("truncate", "refuse"):
+            raise CacheError(f"teacher {self.name!r} has truncation={self.truncation!r}: use 'truncate' or 'refuse'.")
+        if self.input_type not in (None, *provider.input_types) or (self.input_type and not provider.input_types):
+            choices = list(provider.input_types) or ["nothing (this API has no input type)"]
+            raise CacheError(f"teacher {self.name!r} has input_type={self.input_type!r}: {self.provider} takes "
+                             f"{choices}.")
+        if provider.base_url is None and not self.base_url:
+            raise CacheError(f"teacher {self.name!r} ({self.provider}) needs `base_url`, e.g. "
+                             "http://localhost:8000/v1 for a vLLM or TEI server.")
+        if self.base_url:
+            check_base_url(self.base_url)
+        problem = provider.check_dim(self.model, self.dim)
+        if problem:
+            raise CacheError(f"teacher {self.name!r}: {problem}; set `dim:` to one of those.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,9 +126,37 @@ PRESETS = {
 }
 
 
+def check_base_url(url: str) -> None:
+    """An endpoint is recorded in the store, so it may not carry credentials."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CacheError(f"base_url {url!r} is not an http(s) URL: give e.g. http://localhost:8000/v1.")
+    if parts.username or parts.password or parts.query:
+        raise CacheError("base_url carries credentials or a query string, and it is recorded in the store: "
+                         "give the bare endpoint and the key through the environment (api.key_env).")
+
+
+def api_teacher(provider_name: str, model: str, entry: dict) -> TeacherSpec:
+    """The spec of `provider:model` (e.g. "openai:text-embedding-3-large") with `entry` over its defaults."""
+    from .providers import PROVIDERS
+
+    provider = PROVIDERS[provider_name]
+    known = provider.models.get(model)
+    if known is None and "dim" not in entry:
+        raise CacheError(f"teacher '{provider_name}:{model}' is not a model this project knows the size of: "
+                         "add `dim: D` (its output dimension).")
+    defaults = {"name": f"{provider_name}-{model}".replace(".", "-").replace("/", "-").replace(":", "-"),
+                "model": model, "provider": provider_name, "input_type": provider.default_input_type,
+                "dim": known.dim if known else None, "max_length": known.max_tokens if known else 8192,
+                "dtype": "float32"}
+    return TeacherSpec.from_dict({**defaults, **entry})
+
+
 def resolve_teacher(entry) -> TeacherSpec:
-    """A spec from a config entry: a preset name ("stella"), "hf:PATH_OR_ID" (needs `dim`), a
-    mapping with `preset:` plus overrides, or a full mapping of TeacherSpec fields.
+    """A spec from a config entry: a preset name ("stella"), "hf:PATH_OR_ID" (needs `dim`), an API
+    model ("openai:text-embedding-3-large", "cohere:embed-v4.0", "voyage:voyage-3-large",
+    "openai-compatible:MODEL" with `base_url` and `dim`), a mapping with `preset:` plus overrides,
+    or a full mapping of TeacherSpec fields.
 
     Presets never turn `trust_remote_code` on: NV-Embed-v2 and Stella load natively, and any
     other model that ships code needs it given explicitly (it is then recorded in the store).
@@ -107,6 +169,9 @@ def resolve_teacher(entry) -> TeacherSpec:
     preset = entry.pop("preset", None)
     if preset is None:
         return TeacherSpec.from_dict(entry)
+    provider, _, model = preset.partition(":")
+    if model and provider in API_PROVIDERS:
+        return api_teacher(provider, model, entry)
     if preset.startswith("hf:"):
         model = preset[3:]
         if "dim" not in entry:
@@ -115,7 +180,8 @@ def resolve_teacher(entry) -> TeacherSpec:
         return TeacherSpec.from_dict({"name": name, "model": model, **entry})
     if preset not in PRESETS:
         raise CacheError(
-            f"unknown teacher {preset!r}: use one of {sorted(PRESETS)}, or 'hf:PATH_OR_ID' with a dim."
+            f"unknown teacher {preset!r}: use one of {sorted(PRESETS)}, 'hf:PATH_OR_ID' with a dim, or "
+            f"an API model as PROVIDER:MODEL with PROVIDER one of {list(API_PROVIDERS)}."
         )
     unknown = set(entry) - {f.name for f in fields(TeacherSpec)}
     if unknown:

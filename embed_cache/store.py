@@ -353,6 +353,10 @@ class TargetStore:
         return np.flatnonzero(done).tolist()
 
     # ------------------------------------------------------------------ reads
+    def read_keys(self, start: int, stop: int) -> np.ndarray:
+        """The (stop - start, 2) uint64 text keys of rows start..stop-1."""
+        return self.group["keys"][start:stop]
+
     def read_texts(self, start: int, stop: int) -> list[str]:
         return self.group["text"][start:stop].tolist()
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import TrainConfig
-from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping
+from embed_cache.api import ApiSettings
+from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping, without_credentials
 from embed_cache.corpus import PrepareConfig
 from embed_cache.errors import JasperError
 
@@ -60,6 +61,7 @@ class EvalSettings:
 class BuildSettings:
     batch_tokens: int = BATCH_TOKENS
     device: str | None = None
+    api: ApiSettings = field(default_factory=ApiSettings)  # API teachers (embed_cache.api)
 
 
 @dataclass
@@ -76,7 +78,8 @@ class PipelineConfig:
     tiny_models: bool = False  # build pipeline/tiny.py's random models under <out>/tiny-models first
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as written to config.yaml and shown: credentials redacted."""
+        return without_credentials(dataclasses.asdict(self))
 
 
 def preset_names() -> list[str]:

@@ -58,6 +58,9 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
     if settings.benchmarks:
         for entry in config.cache.teachers:
             spec = resolve_teacher(entry)
+            if spec.provider != "local":
+                log(f"[evaluate] teacher {spec.name}: not scored (an API teacher; the benchmarks would be billed)")
+                continue
             if f"teacher {spec.name}" not in models:
                 log(f"[evaluate] teacher {spec.name}")
                 models[f"teacher {spec.name}"] = {"dim": spec.dim, "benchmarks": teacher_benchmarks(spec)}

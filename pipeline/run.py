@@ -124,7 +124,7 @@ def pending(url: str, teacher: str, storage_options: dict | None = None) -> bool
 
 def build_teacher(config: PipelineConfig, url: str, teacher: str) -> None:
     build(url, teacher, batch_tokens=config.build.batch_tokens, device=config.build.device,
-          storage_options=config.cache.storage_options)
+          storage_options=config.cache.storage_options, api=config.build.api)
 
 
 def heldout_config(config: PipelineConfig) -> PrepareConfig:

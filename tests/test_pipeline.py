@@ -1,7 +1,9 @@
 """jasper-pipeline end to end: the tiny preset writes every artifact and a rerun skips every finished
 phase; the demo preset runs on a small slice with the real models; config layering and the CLI."""
 
+import contextlib
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -30,13 +32,20 @@ TEXTS = ["a small red dog", "Distillation keeps the teacher's geometry.", "x"]
 
 
 
+# Credentials as a user would put them in storage_options (a local store accepts and ignores them).
+SECRETS = {"key": "AKIA-never-on-disk-1", "secret": "s3cr3t-never-on-disk-2",
+           "client_kwargs": {"aws_session_token": "t0ken-never-on-disk-3", "region_name": "eu-west-1"}}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     config = load_pipeline_config("tiny", out=str(out))
-    lines = []
-    run_pipeline(config, log=lines.append)
-    return config, out, lines
+    config.cache.storage_options = config.train.storage_options = SECRETS
+    lines, output = [], io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        run_pipeline(config, log=lines.append)
+    return config, out, lines + output.getvalue().splitlines()
 
 
 def cli(*args, cwd=REPO):
@@ -56,6 +65,12 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
         assert (stage_dir / "final" / "model.safetensors").is_file()
         assert len((stage_dir / "log.jsonl").read_text().splitlines()) == 4
     assert any(line.startswith("[pipeline] stage 4: done in") for line in lines)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["cache"]["storage_options"]["client_kwargs"]["region_name"] == "eu-west-1"  # kept: not a secret
+    for secret in ("AKIA-never-on-disk-1", "s3cr3t-never-on-disk-2", "t0ken-never-on-disk-3"):
+        assert not any(secret in line for line in lines), secret
+        leaks = [path for path in out.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+        assert leaks == [], f"{secret} written to {leaks}"
 
     models = json.loads((out / "eval.json").read_text())["models"]
     assert list(models) == ["teacher tiny-a", "teacher tiny-b", *STUDENTS]

@@ -21,6 +21,12 @@ from pipeline.tiny import save_teacher
 # Non-AWS S3 servers do not all speak botocore's newer default checksums; asking for them only
 # when required is the usual setting for MinIO, Ceph, rclone and friends.
 S3_CLIENT = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+S3_SECRET = "s3cr3t-never-on-disk"  # the server's secret key: no file a build, training or export writes holds it
+
+
+def files_holding(root: Path, secret: str, skip: tuple[str, ...] = ()) -> list[Path]:
+    return [path for path in root.rglob("*")
+            if path.is_file() and path.name not in skip and secret.encode() in path.read_bytes()]
 
 
 def free_port() -> int:
@@ -52,10 +58,10 @@ def s3(tmp_path):
     (root / "bucket").mkdir(parents=True)
     port = free_port()
     server = subprocess.Popen([rclone(), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-                               "--auth-key", "jasper,secret"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--auth-key", f"jasper,{S3_SECRET}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, server)
-        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "jasper", "secret": "secret",
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "jasper", "secret": S3_SECRET,
                "config_kwargs": S3_CLIENT}, root
     finally:
         server.terminate()
@@ -63,7 +69,7 @@ def s3(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3):
+def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3, capfd):
     options, root = s3
     teacher = TeacherSpec(name="alpha", model=str(save_teacher(tmp_path / "alpha", seed=1)), dim=32)
     url = "s3://bucket/cache.zarr"
@@ -75,6 +81,7 @@ def test_prepare_build_verify_and_lookup_on_an_s3_server(tmp_path, s3):
     texts = remote.read_texts(0, 100)
     assert np.array_equal(remote.vectors_for(texts[10:12]), remote.read_targets(10, 12))
     assert not (root / "bucket" / "cache.zarr" / "locks" / "alpha.json").exists()
+    assert files_holding(tmp_path, S3_SECRET) == [] and S3_SECRET not in "".join(capfd.readouterr())
 
 
 def test_a_store_served_over_http_is_readable_and_refuses_writes(tmp_path):
@@ -118,13 +125,15 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
         (tmp_path / name).mkdir()
     env = {**SUBPROCESS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     # the same thread count on every side: float sums must round alike for a bit-identical result
-    subprocess.run([sys.executable, "-m", "distill", "run", "--stage", "1", "-c",
-                    config_file(tmp_path / "straight", url, **settings)], cwd=tmp_path / "straight", env=env,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    with open(tmp_path / "straight" / "output.txt", "w") as output:
+        subprocess.run([sys.executable, "-m", "distill", "run", "--stage", "1", "-c",
+                        config_file(tmp_path / "straight", url, **settings)], cwd=tmp_path / "straight", env=env,
+                       check=True, stdout=output, stderr=subprocess.STDOUT, timeout=300)
     straight = tmp_path / "straight" / "run" / "stage1" / "final"
     first_cfg = config_file(tmp_path / "first", url, **settings)
     first = subprocess.Popen([sys.executable, "-m", "distill", "run", "--stage", "1", "-c", first_cfg],
-                             cwd=tmp_path / "first", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             cwd=tmp_path / "first", env=env, stdout=(tmp_path / "first" / "output.txt").open("w"),
+                             stderr=subprocess.STDOUT)
     stage_dir = tmp_path / "first" / "run" / "stage1"
     deadline = time.monotonic() + 240
     while not checkpoint.checkpoints(stage_dir) and first.poll() is None and time.monotonic() < deadline:
@@ -143,3 +152,12 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
     assert losses(resumed) == losses(straight.parent)
     expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(np.array_equal(weights[name].numpy(), expected[name].numpy()) for name in expected)
+
+    # what users share: the final model and its export; the config files are the user's own input
+    exported = subprocess.run([sys.executable, "-m", "pipeline", "export", resumed / "final", "--dim", "8",
+                               "--out", tmp_path / "export"], env=env, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert list((tmp_path / "export").rglob("*.safetensors"))
+    assert (resumed / "final" / "training.json").is_file() and list(resumed.glob("checkpoint-*/trainer_state.json"))
+    assert files_holding(tmp_path, S3_SECRET, skip=("train.yaml",)) == []
+    assert S3_SECRET not in second.stdout + second.stderr + exported.stdout + exported.stderr

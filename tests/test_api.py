@@ -1,0 +1,266 @@
+"""Embedding APIs as teachers, against a real HTTP server on loopback (tests/api_server.py): the three
+providers' protocols, limits, retries, keys that never leave the process, the journal that keeps
+what was paid for, and the estimate printed before anything is spent."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from api_server import EmbeddingServer, fake_vector
+from store_helpers import write_jsonl
+
+from embed_cache import api as api_module
+from embed_cache.api import ApiClient, ApiError, ApiSettings, RateLimiter, request_batches, retry_after
+from embed_cache.build import build
+from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.errors import CacheError
+from embed_cache.journal import Journal
+from embed_cache.spec import resolve_teacher
+from embed_cache.store import TargetStore
+from embed_cache.verify import verify_store
+
+KEY = "sk-test-key-that-must-never-be-written-4242"
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [f"Sentence {i}: the {'quick ' * (i % 4)}fox number {i * 13 % 101} jumps." for i in range(150)]
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for env in ("OPENAI_API_KEY", "CO_API_KEY", "VOYAGE_API_KEY"):
+        monkeypatch.setenv(env, KEY)
+    with EmbeddingServer(key=KEY) as running:
+        yield running
+
+
+def teacher(server, entry: str, **fields):
+    provider = entry.split(":")[0]
+    return resolve_teacher({"preset": entry, "base_url": server.base_url(provider), **fields})
+
+
+def make_store(tmp_path, teachers, texts=TEXTS, shard_rows=64, name="store.zarr") -> str:
+    source = write_jsonl(tmp_path / f"{name}.jsonl", texts)
+    config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(texts),
+                           out=str(tmp_path / name), shard_rows=shard_rows, chunk_rows=16, augment=AugmentSpec.none())
+    prepare(config, log=quiet)
+    return config.out
+
+
+def expected_targets(store: TargetStore, spec, input_type=None) -> np.ndarray:
+    texts = store.read_texts(0, store.n_rows)
+    vectors = np.array([fake_vector(spec.model, input_type, text, spec.dim) for text in texts])
+    return vectors / np.sqrt(len(store.teachers))
+
+
+@pytest.mark.parametrize("entry, fields, request_fields", [
+    ("openai:text-embedding-3-small", {"dim": 512}, {"dimensions": 512, "encoding_format": "float"}),
+    ("cohere:embed-v4.0", {}, {"input_type": "search_document", "embedding_types": ["float"], "truncate": "END"}),
+    ("voyage:voyage-3-large", {"input_type": "document", "dim": 256},
+     {"input_type": "document", "output_dimension": 256, "truncation": True}),
+])
+def test_each_provider_builds_a_store_over_its_own_protocol(tmp_path, server, entry, fields, request_fields):
+    spec = teacher(server, entry, **fields)
+    url = make_store(tmp_path, [spec])
+    summary = build(url, spec.name, progress=False, log=quiet, api=ApiSettings(max_texts_per_request=40))
+    store = TargetStore.open(url)
+    np.testing.assert_allclose(store.read_targets(0, store.n_rows).astype(np.float32),
+                               expected_targets(store, spec, request_fields.get("input_type")), atol=1e-3)
+    assert store.pending_shards(spec.name) == [] and verify_store(store, progress=False).problems == []
+    # 150 texts in shards of 64 / 64 / 22, at most 40 texts a request: 2 + 2 + 1 requests
+    assert summary.requests == len(server.log) == 5 and summary.texts == 150
+    assert sorted(server.billed_texts()) == sorted(TEXTS)
+    for entry_log in server.log:
+        assert {k: entry_log["body"][k] for k in request_fields} == request_fields
+        assert entry_log["body"]["model"] == spec.model
+    if "dimensions" not in request_fields and "output_dimension" not in request_fields:
+        assert not {"dimensions", "output_dimension"} & set(server.log[0]["body"])  # the native size: not asked
+    assert not Journal(url, spec.name).shards()  # a finished shard leaves no journal
+    recorded = store.columns(spec.name).spec
+    assert (recorded.provider, recorded.model, recorded.dim, recorded.base_url) == \
+        (spec.provider, spec.model, spec.dim, server.base_url(spec.provider))
+
+
+def test_provider_limits_cut_requests(tmp_path, server):
+    assert request_batches(np.array([5, 5, 5, 5, 5]), max_texts=2, max_tokens=None) == [(0, 2), (2, 4), (4, 5)]
+    assert request_batches(np.array([4, 4, 9, 1, 1]), max_texts=10, max_tokens=8) == [(0, 2), (2, 3), (3, 5)]
+    spec = teacher(server, "cohere:embed-english-v3.0")
+    url = make_store(tmp_path, [spec], shard_rows=256)
+    build(url, spec.name, progress=False, log=quiet)
+    assert [len(e["texts"]) for e in server.log] == [96, 54]  # Cohere's 96 texts per request
+
+
+def test_rate_limit_spreads_requests_and_tokens_over_the_minute():
+    now, slept = [0.0], []
+
+    def sleep(seconds):
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    limiter = RateLimiter(requests_per_minute=120, tokens_per_minute=6000, clock=lambda: now[0], sleep=sleep)
+    for tokens in (10, 10, 200, 10):  # 0.5 s a request; 200 tokens take 2 s of the token budget
+        limiter.wait(tokens)
+    assert slept == [0.5, 0.5, 2.0]
+
+
+def test_retries_honour_retry_after_back_off_with_jitter_and_survive_timeouts(server):
+    spec = teacher(server, "openai:text-embedding-3-small")
+    waits = []
+    client = ApiClient(spec, ApiSettings(timeout=0.5, backoff=0.2, max_backoff=5), sleep=waits.append)
+    server.faults = [("status", 429, 1.5), ("status", 500, None), ("stall", 1.2), ("status", 503, None)]
+    vectors, billed = client.embed(["a text", "another"], tokens=4)
+    assert np.allclose(vectors[1], fake_vector(spec.model, None, "another", spec.dim), atol=1e-6)
+    assert client.retries == 4 and len(server.log) == 5 and billed == 5
+    assert waits[0] == 1.5  # Retry-After, as the server said
+    assert 0 <= waits[1] <= 0.4 and 0 <= waits[2] <= 0.8 and 0 <= waits[3] <= 1.6  # full jitter, doubling
+
+    server.faults = [("status", 500, None)] * 3
+    with pytest.raises(ApiError, match="failed 3 times.*rerun the build to resume"):
+        ApiClient(spec, ApiSettings(max_retries=2), sleep=lambda _: None).embed(["x"], tokens=1)
+
+
+def test_retry_after_in_seconds_milliseconds_or_a_date():
+    class Answer:
+        def __init__(self, headers):
+            self.headers = headers
+
+    assert retry_after(Answer({"retry-after": "3"})) == 3.0
+    assert retry_after(Answer({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert 0 <= retry_after(Answer({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) <= 0.0  # past: at once
+    assert retry_after(Answer({})) is None and retry_after(None) is None
+
+
+@pytest.mark.parametrize("problem", ["bad key", "unknown model"])
+def test_an_answer_no_retry_can_change_stops_the_build_at_once_without_the_key(tmp_path, server, monkeypatch, problem):
+    spec = teacher(server, "openai:text-embedding-3-small")
+    if problem == "unknown model":
+        spec = resolve_teacher({"preset": "openai:text-embedding-9", "dim": 64, "base_url": server.base_url("openai")})
+    url = make_store(tmp_path, [spec])
+    if problem == "bad key":
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-" + KEY)
+    with pytest.raises(ApiError, match="retrying cannot help") as err:
+        build(url, spec.name, progress=False, log=quiet, api=ApiSettings(concurrency=1))
+    assert len(server.log) == 1 and KEY not in str(err.value)  # one request, then stop
+    assert ("401" if problem == "bad key" else "404") in str(err.value)
+
+
+def test_a_missing_key_is_an_error_before_any_request(tmp_path, server, monkeypatch):
+    spec = teacher(server, "voyage:voyage-3.5")
+    url = make_store(tmp_path, [spec])
+    monkeypatch.delenv("VOYAGE_API_KEY")
+    with pytest.raises(CacheError, match="set the environment variable VOYAGE_API_KEY"):
+        build(url, spec.name, progress=False, log=quiet)
+    key_file = tmp_path / "voyage.key"
+    key_file.write_text(KEY + "\n")
+    build(url, spec.name, progress=False, log=quiet, api=ApiSettings(key_file=str(key_file)))
+    assert TargetStore.open(url).pending_shards(spec.name) == []
+    assert server.log and all(e["status"] == 200 for e in server.log)
+
+
+def test_a_build_stopped_mid_shard_pays_again_only_for_what_was_not_answered(tmp_path, server, monkeypatch):
+    spec = teacher(server, "openai:text-embedding-3-small")
+    url = make_store(tmp_path, [spec], shard_rows=160)  # one shard: nothing lands until all of it is answered
+    settings = ApiSettings(max_texts_per_request=10, concurrency=1)
+    answered_embed, calls = ApiClient.embed, []
+
+    def dies_at_the_sixth_request(self, texts, tokens):
+        calls.append(len(texts))
+        if len(calls) == 6:
+            raise ApiError("simulated: the process dies here")  # the 6th request is never sent
+        return answered_embed(self, texts, tokens)
+
+    monkeypatch.setattr(ApiClient, "embed", dies_at_the_sixth_request)
+    with pytest.raises(ApiError, match="simulated"):
+        build(url, spec.name, progress=False, log=quiet, api=settings)
+    monkeypatch.setattr(ApiClient, "embed", answered_embed)
+    assert TargetStore.open(url).pending_shards(spec.name) == [0] and Journal(url, spec.name).shards() == [0]
+    answered = len(server.billed_texts())  # 5 requests, and maybe the 6th, in flight when the 5th failed
+    assert answered in (50, 60)
+    summary = build(url, spec.name, progress=False, log=quiet, api=settings)
+    assert summary.reused == answered and summary.texts == 150
+    assert sorted(server.billed_texts()) == sorted(TEXTS)  # every text paid for exactly once
+    store = TargetStore.open(url)
+    np.testing.assert_allclose(store.read_targets(0, 150).astype(np.float32), expected_targets(store, spec), atol=1e-3)
+    assert not Journal(url, spec.name).shards()
+
+
+def test_a_journal_entry_for_other_texts_or_a_torn_one_is_never_used(tmp_path):
+    journal = Journal(str(tmp_path / "store.zarr"), "t")
+    keys = np.arange(20, dtype=np.uint64).reshape(10, 2)
+    journal.write(3, 2, keys[2:6], np.ones((4, 8)))
+    covered, vectors = journal.read(3, keys, 8)
+    assert covered.tolist() == [False] * 2 + [True] * 4 + [False] * 4 and vectors[2:6].sum() == 32
+    other = keys.copy()
+    other[3, 0] = 99  # the store was prepared again with other texts
+    assert not journal.read(3, other, 8)[0].any()
+    assert not journal.read(3, keys, 16)[0].any()  # another width
+    entry = next((tmp_path / "store.zarr" / "journal" / "t" / "000003").iterdir())
+    entry.write_bytes(entry.read_bytes()[:40])  # torn
+    assert not journal.read(3, keys, 8)[0].any()
+    journal.clear(3)
+    assert journal.shards() == []
+
+
+def test_texts_over_the_token_limit_are_truncated_or_refused_per_the_recorded_policy(tmp_path, server, monkeypatch):
+    import tiktoken
+
+    # an exact tokenizer of one token per byte stands in for cl100k_base (whose file is not reachable offline)
+    byte_level = tiktoken.Encoding("bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([b]): b for b in range(256)},
+                                   special_tokens={})
+    long = "x" * 40
+    texts = ["short one", long, "another short"]
+    for policy in ("truncate", "refuse"):
+        server.log.clear()
+        spec = teacher(server, "openai:text-embedding-3-small", max_length=16, truncation=policy)
+        url = make_store(tmp_path, [spec], texts=texts, name=f"{policy}.zarr")
+        monkeypatch.setattr(api_module, "openai_encoding", lambda model: None)
+        with pytest.raises(CacheError, match="pip install tiktoken"):  # no exact count: never guess
+            build(url, spec.name, progress=False, log=quiet)
+        monkeypatch.setattr(api_module, "openai_encoding", lambda model: byte_level)
+        if policy == "refuse":
+            with pytest.raises(CacheError, match="truncation: refuse"):
+                build(url, spec.name, progress=False, log=quiet)
+            assert server.log == []  # refused before anything was sent
+        else:
+            summary = build(url, spec.name, progress=False, log=quiet)
+            assert summary.truncated == 1 and "x" * 16 in server.billed_texts()
+
+
+def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_path, server):
+    spec = teacher(server, "openai:text-embedding-3-large")
+    url = make_store(tmp_path, [spec])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "embed_cache", "estimate", "--store", url, "--teacher", spec.name,
+                          "--set", "api.price_per_million_tokens=2.5", "--set", "api.max_texts_per_request=100"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    nbytes = sum(len(t.encode()) for t in TEXTS)
+    assert f"150 texts to request, {nbytes:,} tokens at most" in run.stdout
+    assert "3 requests" in run.stdout and f"${nbytes * 2.5 / 1e6:,.2f}" in run.stdout
+    assert server.log == []
+    with pytest.raises(CacheError, match="over api.max_cost=\\$0.001.*Nothing was spent"):
+        build(url, spec.name, progress=False, log=quiet, api=ApiSettings(price_per_million_tokens=2.5, max_cost=0.001))
+    assert server.log == []
+
+
+def test_the_key_appears_in_no_file_and_no_output_of_a_build(tmp_path, server):
+    spec = teacher(server, "cohere:embed-v4.0", dim=256)
+    url = make_store(tmp_path, [spec])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CO_API_KEY": KEY}
+    run = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", spec.name],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "estimate for teacher" in run.stdout and "built 150 texts" in run.stdout
+    env["CO_API_KEY"] = "sk-wrong-" + KEY  # a refused key: its error is printed, the key is not
+    fresh = make_store(tmp_path, [spec], name="fresh.zarr")
+    refused = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", fresh, "--teacher", spec.name],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+    for output in (run.stdout, run.stderr, refused.stdout, refused.stderr):
+        assert KEY not in output
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()] == []
