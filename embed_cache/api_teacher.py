@@ -105,24 +105,23 @@ class ApiShardEncoder:
         estimate = Estimate(exact=self.counter.exact, price_per_million_tokens=self.price)
         for shard in shards:
             start, stop = store.shard_range(shard)
-            covered = self._journalled(store, shard)[0]
-            inputs, tokens, _ = self.inputs(store.read_texts(start, stop), start)
+            covered = self._journalled(shard, store.read_keys(start, stop))[0]
+            _, tokens, _ = self.inputs(store.read_texts(start, stop), start)
             estimate.journalled += int(covered.sum())
             estimate.texts += int((~covered).sum())
             estimate.tokens += int(tokens[~covered].sum())
             estimate.requests += len(self.plan(tokens, covered))
         return estimate
 
-    def _journalled(self, store, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = store.shard_range(shard)
+    def _journalled(self, shard: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.journal is None:
-            return np.zeros(stop - start, dtype=bool), np.zeros((stop - start, self.spec.dim), dtype=np.float32)
-        return self.journal.read(shard, store.read_keys(start, stop), self.spec.dim)
+            return np.zeros(len(keys), dtype=bool), np.zeros((len(keys), self.spec.dim), dtype=np.float32)
+        return self.journal.read(shard, keys, self.spec.dim)
 
     def encode_shard(self, store, shard: int, summary, on_batch=None) -> np.ndarray:
         start, stop = store.shard_range(shard)
         keys = store.read_keys(start, stop)
-        covered, vectors = self._journalled(store, shard)
+        covered, vectors = self._journalled(shard, keys)
         inputs, tokens, truncated = self.inputs(store.read_texts(start, stop), start)
         summary.truncated += truncated
         summary.reused += int(covered.sum())

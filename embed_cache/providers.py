@@ -8,7 +8,7 @@ them: one retry policy, one rate limit, one journal of what was paid for.
     openai             {base}/embeddings              2,048          300,000         OPENAI_API_KEY
     cohere             {base}/embed (API v2)          96             -               CO_API_KEY
     voyage             {base}/embeddings              1,000          120,000         VOYAGE_API_KEY
-    openai-compatible  {base_url}/embeddings          256            -               OPENAI_API_KEY, if set
+    openai-compatible  {base_url}/embeddings          256            -               OPENAI_COMPATIBLE_API_KEY, if set
 
 Limits and prices are the providers' published ones (checked 2026-12); override them per teacher in
 the build config (`api.max_texts_per_request`, `api.price_per_million_tokens`, ...) when they change.
@@ -106,8 +106,9 @@ PROVIDERS = {
          "voyage-3.5-lite": ApiModel(1024, 32_000, dims=(256, 512, 1024, 2048), price_per_million_tokens=0.02),
          "voyage-3": ApiModel(1024, 32_000, price_per_million_tokens=0.06)},
     ),
-    # vLLM, TEI, infinity, Ollama, LiteLLM ...: the OpenAI protocol on a server of your own
+    # vLLM, TEI, infinity, Ollama, LiteLLM ...: the OpenAI protocol on a server of your own. Its key
+    # has a variable of its own, so an OpenAI key is never sent to another host by default
     "openai-compatible": Provider(
-        "openai-compatible", None, "/embeddings", "OPENAI_API_KEY", False, 256, None, (), None, True,
+        "openai-compatible", None, "/embeddings", "OPENAI_COMPATIBLE_API_KEY", False, 256, None, (), None, True,
     ),
 }

@@ -75,7 +75,8 @@ class EmbeddingServer:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
         provider = request.path.split("/")[1]
         texts = body.get("texts") if provider == "cohere" else body.get("input")
-        entry = {"path": request.path, "status": None, "texts": texts or [], "body": body}  # status: when answered
+        entry = {"path": request.path, "status": None, "texts": texts or [], "body": body,  # status: when answered
+                 "authorization": request.headers.get("Authorization")}
         with self.lock:
             fault = self.faults.pop(0) if self.faults else None
             self.log.append(entry)

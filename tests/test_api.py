@@ -3,8 +3,11 @@ providers' protocols, limits, retries, keys that never leave the process, the jo
 what was paid for, and the estimate printed before anything is spent."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +267,71 @@ def test_the_key_appears_in_no_file_and_no_output_of_a_build(tmp_path, server):
     for output in (run.stdout, run.stderr, refused.stdout, refused.stderr):
         assert KEY not in output
     assert [p for p in tmp_path.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.slow
+def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_targets(tmp_path, server):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"soak seed {seed}")
+    rng = np.random.default_rng(seed)
+    texts = [f"Soak text {i}: {'many ' * (i % 9)}words about thing {i * 17 % 211}." for i in range(1200)]
+    spec = teacher(server, "openai:text-embedding-3-small", dim=64)
+    url, reference = make_store(tmp_path, [spec], texts=texts, shard_rows=256), make_store(
+        tmp_path, [spec], texts=texts, shard_rows=256, name="reference.zarr")
+    build(reference, spec.name, progress=False, log=quiet)
+    server.log.clear()
+    server.delay = 0.1  # ~40 requests a second at concurrency 4: a kill lands mid-shard
+    per_request, concurrency = 8, 4
+    command = [sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", spec.name,
+               "--set", f"api.max_texts_per_request={per_request}", "--set", f"api.concurrency={concurrency}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kills = 0
+    while True:
+        seen = len(server.log)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kills < 10:
+            while len(server.log) == seen and process.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                continue
+        assert process.wait(timeout=300) == 0
+        break
+    time.sleep(0.3)  # requests the dead builders left at the server finish (and are billed)
+    store = TargetStore.open(url)
+    assert store.pending_shards(spec.name) == [] and verify_store(store, progress=False).problems == []
+    assert np.array_equal(store.read_targets(0, store.n_rows), TargetStore.open(reference).read_targets(0, store.n_rows))
+    billed = Counter(text for entry in server.log if entry["status"] in (200, None) for text in entry["texts"])
+    twice = sum(count - 1 for count in billed.values())
+    assert set(billed) == set(texts)
+    print(f"{kills} kills, {len(server.log)} requests, {twice} texts billed twice "
+          f"(bound: {kills} x {concurrency} in flight x {per_request} = {kills * concurrency * per_request})")
+    assert kills == 10 and twice <= kills * concurrency * per_request
+    assert not Journal(url, spec.name).shards()
+
+
+@pytest.mark.slow
+def test_an_openai_compatible_server_running_minilm_gives_the_local_minilm_teachers_targets(tmp_path, server):
+    from sentence_transformers import SentenceTransformer
+
+    from embed_cache.spec import PRESETS
+    from embed_cache.teachers import model_location
+
+    minilm = SentenceTransformer(model_location(PRESETS["minilm"]), device="cpu")
+    server.compat_encoder = lambda texts: minilm.encode(texts, normalize_embeddings=True, batch_size=64)
+    remote = resolve_teacher({"preset": "openai-compatible:all-MiniLM-L6-v2", "dim": 384,
+                              "base_url": server.base_url("compat")})
+    url = make_store(tmp_path, [PRESETS["minilm"], remote])
+    build(url, "minilm", progress=False, log=quiet)
+    summary = build(url, remote.name, progress=False, log=quiet)
+    # OPENAI_API_KEY is set (the fixture), but an OpenAI key is never sent to another server
+    assert summary.requests == 3 and {entry["authorization"] for entry in server.log} == {None}
+    store = TargetStore.open(url)
+    local = store.read_targets(0, store.n_rows, "minilm").astype(np.float32)
+    served = store.read_targets(0, store.n_rows, remote.name).astype(np.float32)
+    np.testing.assert_allclose(served, local, atol=1e-3)  # fp16 storage of the same model's vectors
+    cosine = (served * local).sum(1) / np.linalg.norm(served, axis=1) / np.linalg.norm(local, axis=1)
+    assert cosine.min() > 0.9999
