@@ -182,7 +182,8 @@ class ApiClient:
         self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
         self._local = threading.local()
         self._sleep = sleep
-        self.retries = 0
+        self.retries = 0  # requests sent again, over all threads
+        self._retries_lock = threading.Lock()
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
@@ -218,7 +219,8 @@ class ApiClient:
                     )
             if attempt == self.settings.max_retries:
                 break
-            self.retries += 1
+            with self._retries_lock:
+                self.retries += 1
             wait = retry_after(response)
             if wait is None:
                 wait = random.uniform(0, min(self.settings.max_backoff, self.settings.backoff * 2 ** attempt))

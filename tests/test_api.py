@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from api_server import EmbeddingServer, fake_vector
 from store_helpers import write_jsonl
+from train_helpers import SUBPROCESS_ENV
 
 from embed_cache import api as api_module
 from embed_cache.api import ApiClient, ApiError, ApiSettings, RateLimiter, request_batches, retry_after
@@ -26,7 +26,6 @@ from embed_cache.store import TargetStore
 from embed_cache.verify import verify_store
 
 KEY = "sk-test-key-that-must-never-be-written-4242"
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = [f"Sentence {i}: the {'quick ' * (i % 4)}fox number {i * 13 % 101} jumps." for i in range(150)]
 
 
@@ -192,6 +191,17 @@ def test_a_build_stopped_mid_shard_pays_again_only_for_what_was_not_answered(tmp
     assert not Journal(url, spec.name).shards()
 
 
+def test_the_journal_lives_on_object_stores_too():
+    journal = Journal("memory://bucket/store.zarr", "openai-x")
+    keys = np.arange(8, dtype=np.uint64).reshape(4, 2)
+    journal.write(0, 1, keys[1:3], np.full((2, 3), 0.5))
+    covered, vectors = journal.read(0, keys, 3)
+    assert covered.tolist() == [False, True, True, False] and vectors[1:3].tolist() == [[0.5] * 3] * 2
+    assert journal.shards() == [0]
+    journal.clear(0)
+    assert journal.shards() == [] and not journal.read(0, keys, 3)[0].any()
+
+
 def test_a_journal_entry_for_other_texts_or_a_torn_one_is_never_used(tmp_path):
     journal = Journal(str(tmp_path / "store.zarr"), "t")
     keys = np.arange(20, dtype=np.uint64).reshape(10, 2)
@@ -237,10 +247,9 @@ def test_texts_over_the_token_limit_are_truncated_or_refused_per_the_recorded_po
 def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_path, server):
     spec = teacher(server, "openai:text-embedding-3-large")
     url = make_store(tmp_path, [spec])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "embed_cache", "estimate", "--store", url, "--teacher", spec.name,
                           "--set", "api.price_per_million_tokens=2.5", "--set", "api.max_texts_per_request=100"],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert run.returncode == 0, run.stderr
     nbytes = sum(len(t.encode()) for t in TEXTS)
     assert f"150 texts to request, {nbytes:,} tokens at most" in run.stdout
@@ -254,7 +263,7 @@ def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_p
 def test_the_key_appears_in_no_file_and_no_output_of_a_build(tmp_path, server):
     spec = teacher(server, "cohere:embed-v4.0", dim=256)
     url = make_store(tmp_path, [spec])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CO_API_KEY": KEY}
+    env = {**SUBPROCESS_ENV, "CO_API_KEY": KEY}
     run = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", spec.name],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -284,11 +293,10 @@ def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_tar
     per_request, concurrency = 8, 4
     command = [sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", spec.name,
                "--set", f"api.max_texts_per_request={per_request}", "--set", f"api.concurrency={concurrency}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     kills = 0
     while True:
         seen = len(server.log)
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, env={**SUBPROCESS_ENV, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if kills < 10:
             while len(server.log) == seen and process.poll() is None:
                 time.sleep(0.01)

@@ -29,8 +29,7 @@ from distill.stages import STAGES
 from distill.train import run
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO),
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "jasper" / "torch_extensions")}
+ENV = {**SUBPROCESS_ENV, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "jasper" / "torch_extensions")}
 
 
 

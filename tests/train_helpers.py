@@ -1,6 +1,7 @@
 """A tiny training setup: a store of word texts with teacher targets, a tiny student on disk, a config."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 from store_helpers import TEACHERS, fill, write_config, write_jsonl
@@ -11,8 +12,10 @@ from embed_cache.store import TargetStore
 
 TARGET_DIM = sum(t.dim for t in TEACHERS)  # 96: FC1 learns the whole target
 HEAD_DIMS = [TARGET_DIM, 16, 8, 4]
-# Identical numbers across runs and process counts need the same thread count everywhere.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Identical numbers across runs and process counts need the same thread count everywhere; the
+# project's CLIs run from this checkout whatever the working directory.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def word_texts(n: int, seed: int = 0) -> list[str]:
