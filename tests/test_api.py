@@ -94,7 +94,7 @@ def test_provider_limits_cut_requests(tmp_path, server):
     spec = teacher(server, "cohere:embed-english-v3.0")
     url = make_store(tmp_path, [spec], shard_rows=256)
     build(url, spec.name, progress=False, log=quiet)
-    assert [len(e["texts"]) for e in server.log] == [96, 54]  # Cohere's 96 texts per request
+    assert sorted(len(e["texts"]) for e in server.log) == [54, 96]  # Cohere's 96 texts per request
 
 
 def test_rate_limit_spreads_requests_and_tokens_over_the_minute():

@@ -153,11 +153,8 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
     expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(np.array_equal(weights[name].numpy(), expected[name].numpy()) for name in expected)
 
-    # what users share: the final model and its export; the config files are the user's own input
-    exported = subprocess.run([sys.executable, "-m", "pipeline", "export", resumed / "final", "--dim", "8",
-                               "--out", tmp_path / "export"], env=env, capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    assert list((tmp_path / "export").rglob("*.safetensors"))
-    assert (resumed / "final" / "training.json").is_file() and list(resumed.glob("checkpoint-*/trainer_state.json"))
+    # what users share: the final model, its checkpoints and logs (the export is grepped in test_pipeline's
+    # tiny run, whose student can be exported); the config files are the user's own input
+    assert (resumed / "final" / "training.json").is_file() and list(resumed.glob("checkpoints/*/trainer_state.json"))
     assert files_holding(tmp_path, S3_SECRET, skip=("train.yaml",)) == []
-    assert S3_SECRET not in second.stdout + second.stderr + exported.stdout + exported.stderr
+    assert S3_SECRET not in second.stdout + second.stderr
