@@ -244,6 +244,7 @@ def test_texts_over_the_token_limit_are_truncated_or_refused_per_the_recorded_po
             assert summary.truncated == 1 and "x" * 16 in server.billed_texts()
 
 
+@pytest.mark.slow
 def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_path, server):
     spec = teacher(server, "openai:text-embedding-3-large")
     url = make_store(tmp_path, [spec])
@@ -260,6 +261,7 @@ def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_p
     assert server.log == []
 
 
+@pytest.mark.slow
 def test_the_key_appears_in_no_file_and_no_output_of_a_build(tmp_path, server):
     spec = teacher(server, "cohere:embed-v4.0", dim=256)
     url = make_store(tmp_path, [spec])
