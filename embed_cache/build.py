@@ -237,8 +237,9 @@ def check_estimate(store, spec, shards, api: ApiSettings, storage_options, log) 
                                ).estimate(store, shards)
     log(estimate.describe(spec.name))
     if api.max_cost is not None and (estimate.cost is None or estimate.cost > api.max_cost):
-        raise CacheError(f"the build of {spec.name!r} is estimated at {estimate.describe(spec.name)}, over "
-                         f"api.max_cost=${api.max_cost}: raise api.max_cost, or build fewer texts. Nothing was spent.")
+        raise CacheError(f"{estimate.describe(spec.name)} That is over api.max_cost=${api.max_cost} (or its cost "
+                         "is unknown): raise api.max_cost, set api.price_per_million_tokens, or build fewer texts. "
+                         "Nothing was spent.")
     return estimate
 
 
