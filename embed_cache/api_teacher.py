@@ -151,5 +151,6 @@ class ApiShardEncoder:
                     on_batch(b - a, int(tokens[a:b].sum()))
         if failure is not None:
             raise failure
-        summary.retries = self.client.retries if self._client is not None else summary.retries
+        if self._client is not None:
+            summary.retries = self._client.retries  # the client's count, over every shard so far
         return vectors * self.scale

@@ -82,6 +82,8 @@ def token_budget_batches(lengths: np.ndarray, batch_tokens: int, min_fill: float
 class ShardEncoder:
     """A loaded teacher that turns a shard's texts into its block of stored targets."""
 
+    journal = None  # a local teacher pays nothing, so keeps no journal (ApiShardEncoder does)
+
     def __init__(self, spec: TeacherSpec, n_teachers: int, device: str | None = None, batch_tokens: int = BATCH_TOKENS):
         self.spec, self.batch_tokens = spec, batch_tokens
         self.model = load_teacher(spec, device)
@@ -259,8 +261,7 @@ def _build_shards(store, spec, shards, make_encoder, progress, log) -> BuildSumm
         bar.update(texts)
         bar.set_postfix(tokens_per_s=f"{summary.real_tokens / (time.perf_counter() - started):,.0f}")
 
-    journal = getattr(encoder, "journal", None)
-    writer = ShardWriter(store, spec.name, on_done=journal.clear if journal is not None else None)
+    writer = ShardWriter(store, spec.name, on_done=encoder.journal.clear if encoder.journal is not None else None)
     try:
         for shard in shards:
             start, stop = store.shard_range(shard)

@@ -11,13 +11,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import CacheError
+from .providers import PROVIDERS
 
 ATTENTION_MODES = ("bidirectional", "causal")
 EOS_MODES = ("none", "text", "token")  # see TeacherSpec.eos
 # What the released stella_en_1.5B_v5 does (the evidence is in embed_cache/stella.py and the README).
 STELLA_ATTENTION = "bidirectional"
 STELLA_EOS = "token"
-API_PROVIDERS = ("openai", "cohere", "voyage", "openai-compatible")  # embed_cache.providers.PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,13 @@ class TeacherSpec:
             self._check_api()
 
     def _check_api(self) -> None:
-        from .providers import PROVIDERS
-
         provider = PROVIDERS.get(self.provider)
         if provider is None:
             raise CacheError(f"teacher {self.name!r} has provider={self.provider!r}: use 'local' or one of "
                              f"{sorted(PROVIDERS)}.")
         if self.truncation not in ("truncate", "refuse"):
             raise CacheError(f"teacher {self.name!r} has truncation={self.truncation!r}: use 'truncate' or 'refuse'.")
-        if self.input_type not in (None, *provider.input_types) or (self.input_type and not provider.input_types):
+        if self.input_type not in (None, *provider.input_types):
             choices = list(provider.input_types) or ["nothing (this API has no input type)"]
             raise CacheError(f"teacher {self.name!r} has input_type={self.input_type!r}: {self.provider} takes "
                              f"{choices}.")
@@ -138,8 +136,6 @@ def check_base_url(url: str) -> None:
 
 def api_teacher(provider_name: str, model: str, entry: dict) -> TeacherSpec:
     """The spec of `provider:model` (e.g. "openai:text-embedding-3-large") with `entry` over its defaults."""
-    from .providers import PROVIDERS
-
     provider = PROVIDERS[provider_name]
     known = provider.models.get(model)
     if known is None and "dim" not in entry:
@@ -170,7 +166,7 @@ def resolve_teacher(entry) -> TeacherSpec:
     if preset is None:
         return TeacherSpec.from_dict(entry)
     provider, _, model = preset.partition(":")
-    if model and provider in API_PROVIDERS:
+    if model and provider in PROVIDERS:
         return api_teacher(provider, model, entry)
     if preset.startswith("hf:"):
         model = preset[3:]
@@ -181,7 +177,7 @@ def resolve_teacher(entry) -> TeacherSpec:
     if preset not in PRESETS:
         raise CacheError(
             f"unknown teacher {preset!r}: use one of {sorted(PRESETS)}, 'hf:PATH_OR_ID' with a dim, or "
-            f"an API model as PROVIDER:MODEL with PROVIDER one of {list(API_PROVIDERS)}."
+            f"an API model as PROVIDER:MODEL with PROVIDER one of {list(PROVIDERS)}."
         )
     unknown = set(entry) - {f.name for f in fields(TeacherSpec)}
     if unknown:

@@ -36,6 +36,20 @@ def make_store(tmp_path, n=100, shard_rows=32, chunk_rows=16, url=None, teachers
     return TargetStore.open(config.out, mode="r+", storage_options=storage_options)
 
 
+def prepared(tmp_path, teachers, name="store.zarr", n=240, shard_rows=16, texts=None):
+    texts = texts or [f"Item {i} is {'big ' * (i % 7)}and {'red ' * (i % 5)}number {i * 31 % 97}." for i in range(n)]
+    source = write_jsonl(tmp_path / f"{name}.jsonl", texts)
+    config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(texts),
+                           out=str(tmp_path / name), shard_rows=shard_rows, chunk_rows=shard_rows,
+                           augment=NO_AUGMENT)
+    prepare(config, log=lambda *_: None)
+    return config.out
+
+
+def quiet(*_):
+    pass
+
+
 def fake_vectors(store: TargetStore, teacher: str, shard: int, seed: int = 0) -> np.ndarray:
     """Unit vectors scaled by 1/sqrt(k), as the build writes them."""
     start, stop = store.shard_range(shard)

@@ -12,13 +12,12 @@ from collections import Counter
 import numpy as np
 import pytest
 from api_server import EmbeddingServer, fake_vector
-from store_helpers import write_jsonl
+from store_helpers import prepared, quiet
 from train_helpers import SUBPROCESS_ENV
 
 from embed_cache import api as api_module
 from embed_cache.api import ApiClient, ApiError, ApiSettings, RateLimiter, request_batches, retry_after
 from embed_cache.build import build
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.journal import Journal
 from embed_cache.spec import resolve_teacher
@@ -27,10 +26,6 @@ from embed_cache.verify import verify_store
 
 KEY = "sk-test-key-that-must-never-be-written-4242"
 TEXTS = [f"Sentence {i}: the {'quick ' * (i % 4)}fox number {i * 13 % 101} jumps." for i in range(150)]
-
-
-def quiet(*_):
-    pass
 
 
 @pytest.fixture
@@ -44,14 +39,6 @@ def server(monkeypatch):
 def teacher(server, entry: str, **fields):
     provider = entry.split(":")[0]
     return resolve_teacher({"preset": entry, "base_url": server.base_url(provider), **fields})
-
-
-def make_store(tmp_path, teachers, texts=TEXTS, shard_rows=64, name="store.zarr") -> str:
-    source = write_jsonl(tmp_path / f"{name}.jsonl", texts)
-    config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(texts),
-                           out=str(tmp_path / name), shard_rows=shard_rows, chunk_rows=16, augment=AugmentSpec.none())
-    prepare(config, log=quiet)
-    return config.out
 
 
 def expected_targets(store: TargetStore, spec, input_type=None) -> np.ndarray:
@@ -68,7 +55,7 @@ def expected_targets(store: TargetStore, spec, input_type=None) -> np.ndarray:
 ])
 def test_each_provider_builds_a_store_over_its_own_protocol(tmp_path, server, entry, fields, request_fields):
     spec = teacher(server, entry, **fields)
-    url = make_store(tmp_path, [spec])
+    url = prepared(tmp_path, [spec], texts=TEXTS, shard_rows=64)
     summary = build(url, spec.name, progress=False, log=quiet, api=ApiSettings(max_texts_per_request=40))
     store = TargetStore.open(url)
     np.testing.assert_allclose(store.read_targets(0, store.n_rows).astype(np.float32),
@@ -92,7 +79,7 @@ def test_provider_limits_cut_requests(tmp_path, server):
     assert request_batches(np.array([5, 5, 5, 5, 5]), max_texts=2, max_tokens=None) == [(0, 2), (2, 4), (4, 5)]
     assert request_batches(np.array([4, 4, 9, 1, 1]), max_texts=10, max_tokens=8) == [(0, 2), (2, 3), (3, 5)]
     spec = teacher(server, "cohere:embed-english-v3.0")
-    url = make_store(tmp_path, [spec], shard_rows=256)
+    url = prepared(tmp_path, [spec], shard_rows=256, texts=TEXTS)
     build(url, spec.name, progress=False, log=quiet)
     assert sorted(len(e["texts"]) for e in server.log) == [54, 96]  # Cohere's 96 texts per request
 
@@ -142,7 +129,7 @@ def test_an_answer_no_retry_can_change_stops_the_build_at_once_without_the_key(t
     spec = teacher(server, "openai:text-embedding-3-small")
     if problem == "unknown model":
         spec = resolve_teacher({"preset": "openai:text-embedding-9", "dim": 64, "base_url": server.base_url("openai")})
-    url = make_store(tmp_path, [spec])
+    url = prepared(tmp_path, [spec], texts=TEXTS, shard_rows=64)
     if problem == "bad key":
         monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-" + KEY)
     with pytest.raises(ApiError, match="retrying cannot help") as err:
@@ -153,7 +140,7 @@ def test_an_answer_no_retry_can_change_stops_the_build_at_once_without_the_key(t
 
 def test_a_missing_key_is_an_error_before_any_request(tmp_path, server, monkeypatch):
     spec = teacher(server, "voyage:voyage-3.5")
-    url = make_store(tmp_path, [spec])
+    url = prepared(tmp_path, [spec], texts=TEXTS, shard_rows=64)
     monkeypatch.delenv("VOYAGE_API_KEY")
     with pytest.raises(CacheError, match="set the environment variable VOYAGE_API_KEY"):
         build(url, spec.name, progress=False, log=quiet)
@@ -166,7 +153,8 @@ def test_a_missing_key_is_an_error_before_any_request(tmp_path, server, monkeypa
 
 def test_a_build_stopped_mid_shard_pays_again_only_for_what_was_not_answered(tmp_path, server, monkeypatch):
     spec = teacher(server, "openai:text-embedding-3-small")
-    url = make_store(tmp_path, [spec], shard_rows=160)  # one shard: nothing lands until all of it is answered
+    # one shard: nothing lands until all of it is answered
+    url = prepared(tmp_path, [spec], shard_rows=160, texts=TEXTS)
     settings = ApiSettings(max_texts_per_request=10, concurrency=1)
     answered_embed, calls = ApiClient.embed, []
 
@@ -230,7 +218,7 @@ def test_texts_over_the_token_limit_are_truncated_or_refused_per_the_recorded_po
     for policy in ("truncate", "refuse"):
         server.log.clear()
         spec = teacher(server, "openai:text-embedding-3-small", max_length=16, truncation=policy)
-        url = make_store(tmp_path, [spec], texts=texts, name=f"{policy}.zarr")
+        url = prepared(tmp_path, [spec], texts=texts, name=f"{policy}.zarr", shard_rows=64)
         monkeypatch.setattr(api_module, "openai_encoding", lambda model: None)
         with pytest.raises(CacheError, match="pip install tiktoken"):  # no exact count: never guess
             build(url, spec.name, progress=False, log=quiet)
@@ -247,7 +235,7 @@ def test_texts_over_the_token_limit_are_truncated_or_refused_per_the_recorded_po
 @pytest.mark.slow
 def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_path, server):
     spec = teacher(server, "openai:text-embedding-3-large")
-    url = make_store(tmp_path, [spec])
+    url = prepared(tmp_path, [spec], texts=TEXTS, shard_rows=64)
     run = subprocess.run([sys.executable, "-m", "embed_cache", "estimate", "--store", url, "--teacher", spec.name,
                           "--set", "api.price_per_million_tokens=2.5", "--set", "api.max_texts_per_request=100"],
                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
@@ -264,14 +252,14 @@ def test_estimate_prints_texts_tokens_requests_and_cost_and_spends_nothing(tmp_p
 @pytest.mark.slow
 def test_the_key_appears_in_no_file_and_no_output_of_a_build(tmp_path, server):
     spec = teacher(server, "cohere:embed-v4.0", dim=256)
-    url = make_store(tmp_path, [spec])
+    url = prepared(tmp_path, [spec], texts=TEXTS, shard_rows=64)
     env = {**SUBPROCESS_ENV, "CO_API_KEY": KEY}
     run = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", url, "--teacher", spec.name],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "estimate for teacher" in run.stdout and "built 150 texts" in run.stdout
     env["CO_API_KEY"] = "sk-wrong-" + KEY  # a refused key: its error is printed, the key is not
-    fresh = make_store(tmp_path, [spec], name="fresh.zarr")
+    fresh = prepared(tmp_path, [spec], name="fresh.zarr", texts=TEXTS, shard_rows=64)
     refused = subprocess.run([sys.executable, "-m", "embed_cache", "build", "--store", fresh, "--teacher", spec.name],
                              capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
@@ -287,7 +275,7 @@ def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_tar
     rng = np.random.default_rng(seed)
     texts = [f"Soak text {i}: {'many ' * (i % 9)}words about thing {i * 17 % 211}." for i in range(1200)]
     spec = teacher(server, "openai:text-embedding-3-small", dim=64)
-    url, reference = make_store(tmp_path, [spec], texts=texts, shard_rows=256), make_store(
+    url, reference = prepared(tmp_path, [spec], texts=texts, shard_rows=256), prepared(
         tmp_path, [spec], texts=texts, shard_rows=256, name="reference.zarr")
     build(reference, spec.name, progress=False, log=quiet)
     server.log.clear()
@@ -298,7 +286,8 @@ def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_tar
     kills = 0
     while True:
         seen = len(server.log)
-        process = subprocess.Popen(command, env={**SUBPROCESS_ENV, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, env={**SUBPROCESS_ENV, "OPENAI_API_KEY": KEY},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if kills < 10:
             while len(server.log) == seen and process.poll() is None:
                 time.sleep(0.01)
@@ -313,7 +302,8 @@ def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_tar
     time.sleep(0.3)  # requests the dead builders left at the server finish (and are billed)
     store = TargetStore.open(url)
     assert store.pending_shards(spec.name) == [] and verify_store(store, progress=False).problems == []
-    assert np.array_equal(store.read_targets(0, store.n_rows), TargetStore.open(reference).read_targets(0, store.n_rows))
+    uninterrupted = TargetStore.open(reference).read_targets(0, store.n_rows)
+    assert np.array_equal(store.read_targets(0, store.n_rows), uninterrupted)
     billed = Counter(text for entry in server.log if entry["status"] in (200, None) for text in entry["texts"])
     twice = sum(count - 1 for count in billed.values())
     assert set(billed) == set(texts)
@@ -334,7 +324,7 @@ def test_an_openai_compatible_server_running_minilm_gives_the_local_minilm_teach
     server.compat_encoder = lambda texts: minilm.encode(texts, normalize_embeddings=True, batch_size=64)
     remote = resolve_teacher({"preset": "openai-compatible:all-MiniLM-L6-v2", "dim": 384,
                               "base_url": server.base_url("compat")})
-    url = make_store(tmp_path, [PRESETS["minilm"], remote])
+    url = prepared(tmp_path, [PRESETS["minilm"], remote], texts=TEXTS, shard_rows=64)
     build(url, "minilm", progress=False, log=quiet)
     summary = build(url, remote.name, progress=False, log=quiet)
     # OPENAI_API_KEY is set (the fixture), but an OpenAI key is never sent to another server

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from store_helpers import NO_AUGMENT, write_jsonl
+from store_helpers import prepared, quiet
 from tiny_teachers import mark_remote_code, save_stella_like
 from train_helpers import SUBPROCESS_ENV
 
 from benchmarks.soak import soak_build
 from embed_cache.build import ShardEncoder, build, token_budget_batches
-from embed_cache.corpus import PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.spec import PRESETS, TeacherSpec
 from embed_cache.store import TargetStore
@@ -38,16 +37,6 @@ def teachers(tmp_path_factory):
     ]
 
 
-def prepared(tmp_path, teachers, name="store.zarr", n=240, shard_rows=16, texts=None):
-    texts = texts or [f"Item {i} is {'big ' * (i % 7)}and {'red ' * (i % 5)}number {i * 31 % 97}." for i in range(n)]
-    source = write_jsonl(tmp_path / f"{name}.jsonl", texts)
-    config = PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(texts),
-                           out=str(tmp_path / name), shard_rows=shard_rows, chunk_rows=shard_rows,
-                           augment=NO_AUGMENT)
-    prepare(config, log=lambda *_: None)
-    return config.out
-
-
 def cli(*args, launcher=(sys.executable, "-m", "embed_cache"), **kwargs):
     return subprocess.Popen([*launcher, *map(str, args)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
@@ -61,10 +50,6 @@ def finish(process, timeout=300):
 def targets_and_records(url):
     store = TargetStore.open(url)
     return store.read_targets(0, store.n_rows), {t.spec.name: store.done_records(t.spec.name) for t in store.teachers}
-
-
-def quiet(*_):
-    pass
 
 
 def test_token_budget_batches_cover_every_text_within_budget_and_fill():
