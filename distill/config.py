@@ -102,6 +102,13 @@ class TrainConfig:
     # stage 3 (128 x 512 tokens per GPU) needs ~161 GiB of activations without it, ~11 GiB with it
     # (`python -m benchmarks.paper_models`). Same numbers, ~1/3 more compute.
     gradient_checkpointing: bool = False
+    # False: the text encoder trains with its dropout off (distill.model.disable_dropout), as the
+    # paper's student does (Stella's Qwen2 has none); BERT-style encoders such as MiniLM carry 0.1
+    encoder_dropout: bool = True
+    # Encode each text batch in this many length-sorted groups, each padded only to its own longest
+    # text (JasperStudent.pooled_in_groups): the same states up to float rounding, less padding
+    # computed. Worth it on CPU for short, mixed-length texts (the demo: 1.5-1.8x per step); 1 = off
+    length_groups: int = 1
     # Stage 1's heads: "random" (the paper) or "lstsq": FC1 the least-squares fit of the targets from
     # the pooled states of the store's first `fc1_init_rows` usable rows, the smaller heads the fit of
     # the targets' top principal directions (distill/fc1_init.py)
@@ -118,6 +125,11 @@ class TrainConfig:
     stage3: StageSettings = field(default_factory=StageSettings)
     stage4: StageSettings = field(default_factory=StageSettings)
 
+    def __post_init__(self):
+        if not isinstance(self.length_groups, int) or self.length_groups < 1:
+            raise DistillError(f"length_groups={self.length_groups!r}: use a whole number >= 1 (1 encodes each batch "
+                               "padded as one).")
+
     def stage(self, number: int) -> StageSpec:
         """Stage `number` as this config runs it: the paper's stage with this config's settings over it."""
         return stage_with(number, {**dataclasses.asdict(getattr(self, f"stage{number}")),
@@ -130,15 +142,16 @@ class TrainConfig:
 
 # Settings that change the numbers a run computes: a resumed run must keep them. Everything
 # else (where the store lives, worker count, checkpoint cadence) may change between launches.
-_RESUME_INVARIANT = ("seed", "max_length", "block_chunks", "shuffle_blocks", "self_distillation", "image_size")
+_RESUME_INVARIANT = ("seed", "max_length", "block_chunks", "shuffle_blocks", "self_distillation", "image_size",
+                      "length_groups", "encoder_dropout")
 
 
 def resume_differences(saved: dict, current: TrainConfig, stage: int) -> list[str]:
     """'key: saved != current' for every setting a resumed stage must keep."""
-    now = current.to_dict()
-    keys = [*_RESUME_INVARIANT, f"stage{stage}"]
-    diffs = [f"{key}: {saved.get(key)!r} != {now[key]!r}" for key in keys
-             if key != f"stage{stage}" and saved.get(key) != now[key]]
+    now, defaults = current.to_dict(), TrainConfig().to_dict()
+    # a setting newer than the checkpoint was, when it was made, at its default
+    was = {key: saved.get(key, defaults[key]) for key in _RESUME_INVARIANT}
+    diffs = [f"{key}: {was[key]!r} != {now[key]!r}" for key in _RESUME_INVARIANT if was[key] != now[key]]
     # compared as run: a setting left None is the stage's own, whichever config wrote it
     mine, theirs = stage_with(stage, now[f"stage{stage}"]), stage_with(stage, saved.get(f"stage{stage}", {}))
     variable = {"checkpoint_every", "keep_last"}

@@ -7,11 +7,14 @@ error has a closed form::
     [W; b] = argmin || [P, 1] [W; b] - T ||^2 + ridge * ||W||^2,   P = pooled states (n x h)
 
 solved in float64 (the ridge term, scaled by the mean of diag(PᵀP), only guards a rank-deficient
-sample). FC1 fits the targets T themselves. A smaller head of d dims has no target of its own (the
-paper trains it on similarities alone, in stage 3), so it fits T projected on its top d principal
-directions, T V_d: the d-dim linear map whose dot products best preserve the targets'. The
-paper's losses act on normalised vectors, so this is a start, not their optimum; the stages train
-on from it. Rows were shuffled at prepare, so the first usable rows are a random sample. The paper
+sample). FC1 fits the targets T themselves: F = [P, 1] [W; b]. A smaller head of d dims has no
+target of its own (the paper trains it on similarities alone, in stage 3); it is FC1 projected on
+the top d (uncentred) principal directions of F, F V_d. That is the affine head of d dims whose dot
+products best preserve the targets': any affine head's outputs H lie in the column space of
+[P, 1], where T T^T differs from F F^T only by terms H cannot reach, so the best H H^T is the best
+rank-d approximation of F F^T. F has rank at most h + 1, so a head of h + 1 dims or more (the demo's
+512-d one over MiniLM's 384) keeps FC1's dot products exactly. The paper's losses act on normalised
+vectors, so this is a start, not their optimum; the stages train on from it. Rows were shuffled at prepare, so the first usable rows are a random sample. The paper
 preset keeps the paper's random init; the demo turns this on.
 
 Example::
@@ -30,9 +33,9 @@ from distill.model import JasperStudent
 @torch.no_grad()
 def fit_heads(model: JasperStudent, pooled: torch.Tensor, targets: np.ndarray, ridge: float = 1e-6) -> dict[str, float]:
     """Set FC1 to the ridge least-squares fit of `targets` [n, D] from `pooled` [n, h] (the texts'
-    pooled states, `distill.pooled.pooled_states`), and each smaller head to the fit of the targets'
-    top principal directions; returns the sample size and the mean cosine of FC1's fitted outputs
-    with the targets."""
+    pooled states, `distill.pooled.pooled_states`), and each smaller head to FC1 projected on the top
+    principal directions of FC1's fitted outputs; returns the sample size and the mean cosine of
+    FC1's fitted outputs with the targets."""
     pooled = pooled.double()
     design = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=torch.float64)], dim=1)
     target = torch.as_tensor(targets, dtype=torch.float64)
@@ -40,12 +43,13 @@ def fit_heads(model: JasperStudent, pooled: torch.Tensor, targets: np.ndarray, r
     penalty = ridge * gram.diagonal()[:-1].mean() * torch.eye(gram.shape[0], dtype=torch.float64)
     penalty[-1, -1] = 0.0  # the bias is not shrunk
     solution = torch.linalg.solve(gram + penalty, design.T @ target)  # [h + 1, D]
-    # principal directions of the (uncentred) targets: dot products, not covariances, are what the
+    fitted = design @ solution  # FC1's outputs on the sample
+    # principal directions of those outputs, uncentred: dot products, not covariances, are what the
     # similarity losses compare
-    directions = torch.linalg.svd(target, full_matrices=False).Vh  # [min(n, D), D]
+    directions = torch.linalg.svd(fitted, full_matrices=False).Vh  # [min(n, D), D]
     for name, head in model.heads.items():
-        fitted = solution if head.out_features == target.shape[1] else solution @ directions[:head.out_features].T
-        head.weight.copy_(fitted[:-1].T.to(head.weight.dtype))
-        head.bias.copy_(fitted[-1].to(head.bias.dtype))
-    cosine = torch.nn.functional.cosine_similarity(design @ solution, target, dim=1).mean().item()
+        weights = solution if head.out_features == target.shape[1] else solution @ directions[:head.out_features].T
+        head.weight.copy_(weights[:-1].T.to(head.weight.dtype))
+        head.bias.copy_(weights[-1].to(head.bias.dtype))
+    cosine = torch.nn.functional.cosine_similarity(fitted, target, dim=1).mean().item()
     return {"rows": len(pooled), "cosine": cosine}

@@ -146,12 +146,38 @@ class JasperStudent(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
+        length_groups: int = 1,
     ) -> HeadOutputs:
         """Encode texts, or images when ``pixel_values`` is given (one image per row of ``input_ids``);
-        or apply the heads to ``pooled`` states computed earlier (stage 1 on a frozen encoder)."""
-        if pooled is None:
+        or apply the heads to ``pooled`` states computed earlier (stage 1 on a frozen encoder).
+        ``length_groups > 1`` encodes a text batch in that many length-sorted groups
+        (:meth:`pooled_in_groups`)."""
+        if pooled is None and length_groups > 1 and pixel_values is None:
+            pooled = self.pooled_in_groups(input_ids, attention_mask, length_groups)
+        elif pooled is None:
             pooled = self.pooled(input_ids, attention_mask, pixel_values)
         return {name: head(pooled) for name, head in self.heads.items()}
+
+    def pooled_in_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
+        """:meth:`pooled` of a padded text batch, encoded in `groups` length-sorted parts, each cut to
+        its own longest text; rows come back in the batch's order.
+
+        A random batch of short texts pads to its longest one: on the demo corpus only 30% of the
+        encoded tokens are real, 69% with 4 groups. Dropping a column that is padding in every row of
+        a group changes no real token's attention or position (padding is masked out, and sits on the
+        right), so the states equal one padded pass up to float rounding; the loss still sees the whole
+        batch. A left-padded batch has no such column and is encoded whole per group.
+        """
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in torch.tensor_split(order, groups):
+            if len(rows) == 0:
+                continue
+            mask = attention_mask[rows]
+            width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
+            parts.append(self.pooled(input_ids[rows, :width], mask[:, :width]))
+        return torch.cat(parts)[torch.argsort(order)]
 
     def pooled(
         self,
@@ -213,6 +239,21 @@ class JasperStudent(PreTrainedModel):
                 "Use an encoder whose blocks sit in a single nn.ModuleList (Qwen2, BERT, MPNet, ...)."
             )
         return next(iter(candidates.values()))
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Every dropout in `module` set to zero, train mode kept (gradient checkpointing runs only in
+    train mode): its `nn.Dropout` layers, which BERT's attention also reads its rate from, and the
+    float `attention_dropout` that Qwen2, Llama and Mistral attention modules keep instead.
+
+    The paper's student, Stella on Qwen2, has no dropout; BERT-style encoders (MiniLM) carry 0.1. The
+    saved config keeps the encoder's own rates: this is how one stage trains, not what the model is.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = 0.0
+        if isinstance(getattr(layer, "attention_dropout", None), float):
+            layer.attention_dropout = 0.0
 
 
 def build_student(

@@ -46,7 +46,7 @@ from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usa
 from distill.errors import DistillError
 from distill.fc1_init import fit_heads
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
-from distill.model import JasperConfig, JasperStudent, build_student
+from distill.model import JasperConfig, JasperStudent, build_student, disable_dropout
 from distill.pooled import PooledRows, pooled_states
 from distill.stages import STAGES, StageSpec, stage_loss
 from embed_cache.config import check_name, check_written_path
@@ -113,6 +113,8 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
+    if not config.encoder_dropout:
+        disable_dropout(model.text_encoder)
     pooled = start_stage1(config, model, tokenizer, accelerator, saved, init_from) if stage == 1 else None
     if config.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,7 +139,7 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
         "stage": stage, "total_steps": spec.steps, "sampler": batches.state(), "config": config.to_dict(),
     }
     train_loop(Recipe(accelerator, model, optimizer, scheduler, spec, batches, trainable, folder, trainer_state,
-                      pooled), step, config.log_every)
+                      pooled, config.length_groups), step, config.log_every)
     return save_final(accelerator, model, tokenizer, folder, stage, config)
 
 
@@ -362,6 +364,7 @@ class Recipe:
     folder: Path
     trainer_state: Callable[[], dict]  # what a checkpoint adds to accelerate's state
     pooled: PooledRows | None = None  # stage 1's states encoded once (stage1_pooled)
+    length_groups: int = 1  # text batches encoded in length-sorted groups (TrainConfig.length_groups)
 
 
 def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
@@ -383,7 +386,7 @@ def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
         for micro in range(spec.grad_accum):
             batch = {key: value.to(accelerator.device) for key, value in batches.next().items()}
             with accelerator.accumulate(model):
-                loss = forward(model, spec, batch, recipe.pooled)
+                loss = forward(model, spec, batch, recipe.pooled, recipe.length_groups)
                 check_finite(accelerator, loss.total, step + 1, micro, batch["rows"])
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and spec.clip > 0:
@@ -412,12 +415,12 @@ def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
         log.close()
 
 
-def forward(model, spec: StageSpec, batch: dict, pooled: PooledRows | None = None):
+def forward(model, spec: StageSpec, batch: dict, pooled: PooledRows | None = None, length_groups: int = 1):
     if pooled is not None:
         outputs = model(pooled=pooled.of(batch["rows"].cpu()).to(batch["targets"].device))
     else:
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch.get("pixel_values"))
+                        pixel_values=batch.get("pixel_values"), length_groups=length_groups)
     targets = batch["targets"].float()
     if spec.teacher == "caption":
         targets = split_heads(targets, [outputs[name].shape[-1] for name in outputs])

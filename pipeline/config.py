@@ -50,6 +50,10 @@ class EvalSettings:
     images: str | None = "@data/emoji"
     emoji_heldout: int = 256
     batch_size: int = 64
+    # Tokens per text when students are scored and exported; None: train.max_length. Training may
+    # cut texts shorter than the model reads at use (the demo trains at 128 on texts of at most ~90
+    # tokens, while MiniLM, its baseline, reads 256)
+    max_length: int | None = None
     # The report scores every student head against `baseline`, a teacher (by name) that is the
     # student's starting encoder as users run it (the demo: minilm), and gives the share of the gap
     # from it to `gap_to` (a stronger teacher, the demo's mpnet) that the student closed.

@@ -91,7 +91,7 @@ def score_text(model, tokenizer, config: PipelineConfig, heldout, states: dict |
     `states`: pooled states other students with the same encoder computed (StudentHeads)."""
     settings = config.evaluation
     scores: dict[str, dict] = {head: {} for head in model.heads}
-    heads = StudentHeads(model, tokenizer, settings.batch_size, config.train.max_length, states)
+    heads = StudentHeads(model, tokenizer, settings.batch_size, student_max_length(config), states)
     if settings.benchmarks:
         for head in scores:
             scores[head]["benchmarks"] = text_benchmarks(heads.encoder_of(head))
@@ -100,6 +100,11 @@ def score_text(model, tokenizer, config: PipelineConfig, heldout, states: dict |
         for head, values in fidelity(heads.vectors(texts), targets).items():
             scores[head]["fidelity"] = values
     return scores
+
+
+def student_max_length(config: PipelineConfig) -> int:
+    """Tokens per text for the students at evaluation and export."""
+    return config.evaluation.max_length or config.train.max_length
 
 
 def held_out_data(config: PipelineConfig):

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
 from pipeline.config import PipelineError
-from pipeline.evaluate_run import student_checkpoints
+from pipeline.evaluate_run import student_checkpoints, student_max_length
 
 PROMPTS = {
     "s2p_query": "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: ",
@@ -103,7 +103,7 @@ def export_final(config) -> list[Path]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dims = config.export_dims or [head.out_features for head in model.heads.values()]
     written = [export_sentence_transformers(model, tokenizer, dim, export_folder(config.out, dim),
-                                            config.train.max_length) for dim in dims]
+                                            student_max_length(config)) for dim in dims]
     _source_record(config).write_text(_source(folder), encoding="utf-8")
     return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -24,6 +25,7 @@ from distill.model import (
     IMAGE_TOKEN,
     JasperStudent,
     build_student,
+    disable_dropout,
     image_inputs,
     mean_pool,
     prepare_tokenizer,
@@ -127,6 +129,65 @@ def test_padding_does_not_change_the_vectors(student):
     for name in alone:
         torch.testing.assert_close(batched[name][1:2], alone[name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(extra_padded[name], alone[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_groups_give_the_one_pass_vectors_and_gradients(student, side):
+    model, tokenizer = student
+    texts = [*TEXTS, "dog", "a cat", *TEXTS[::-1]]  # lengths out of order, one group of one text
+    tokenizer.padding_side = side
+    try:
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    model.train(False)
+    results = []
+    for groups in (1, 3, 8):
+        model.zero_grad()
+        vectors = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], length_groups=groups)
+        sum(v.square().sum() for v in vectors.values()).backward()
+        grads = {name: p.grad.clone() for name, p in model.text_encoder.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in vectors.items()}, grads))
+    model.zero_grad()
+    (one_vectors, one_grads), *grouped = results
+    for vectors, grads in grouped:
+        for name in one_vectors:
+            torch.testing.assert_close(vectors[name], one_vectors[name], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == one_grads.keys() and grads
+        for name in one_grads:
+            torch.testing.assert_close(grads[name], one_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_length_groups_encode_fewer_columns(student, monkeypatch):
+    model, tokenizer = student
+    batch = tokenizer(["dog", "a cat", TEXTS[2]], padding=True, return_tensors="pt")
+    widths = []
+    original = JasperStudent.pooled
+    monkeypatch.setattr(JasperStudent, "pooled",
+                        lambda self, ids, mask, pixels=None: widths.append(ids.shape[1]) or original(self, ids, mask))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], length_groups=3)
+    lengths = sorted(batch["attention_mask"].sum(1).tolist())
+    assert widths == lengths  # each text alone, cut to its own length
+
+def test_disable_dropout_makes_training_mode_compute_the_eval_vectors(student):
+    model, tokenizer = student
+    model = copy.deepcopy(model)
+    for layer in model.text_encoder.modules():  # Qwen2's attention_dropout is 0 by default: give it some
+        if isinstance(getattr(layer, "attention_dropout", None), float):
+            layer.attention_dropout = 0.5
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    run = lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["fc1"].detach()  # noqa: E731
+    model.eval()
+    expected = run()
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(run(), expected)  # dropout is on: training mode differs
+    disable_dropout(model.text_encoder)
+    assert model.text_encoder.training  # still in train mode (gradient checkpointing needs it)
+    torch.testing.assert_close(run(), expected)
+    torch.testing.assert_close(run(), expected)
+    assert model.text_encoder.config.to_dict() == student[0].text_encoder.config.to_dict()  # the saved rates stay
 
 
 def test_mean_pool_averages_only_unmasked_positions():

@@ -91,9 +91,10 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
 
     student = JasperStudent.from_pretrained(out / "train" / "stage4" / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "train" / "stage4" / "final")
-    expected = head_vectors(student, tokenizer, TEXTS, max_length=config.train.max_length)
+    expected = head_vectors(student, tokenizer, TEXTS, max_length=config.evaluation.max_length)
     for head, dim in (("fc1", 96), ("fc4", 8)):
         exported = SentenceTransformer(str(out / "export" / f"dim-{dim}"), device="cpu")
+        assert exported.max_seq_length == config.evaluation.max_length == 128 != config.train.max_length
         unit = expected[head] / np.linalg.norm(expected[head], axis=1, keepdims=True)
         np.testing.assert_allclose(exported.encode(TEXTS), unit, atol=1e-5)
 

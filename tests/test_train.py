@@ -16,13 +16,13 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from store_helpers import fake_vectors, fill
-from train_helpers import SUBPROCESS_ENV, config_file, student_settings, word_store
+from train_helpers import SUBPROCESS_ENV, TARGET_DIM, config_file, student_settings, word_store
 from transformers import AutoTokenizer, SiglipVisionConfig
 
 import embed_cache.teachers
 from benchmarks.soak import FORCED, soak_train
 from distill import checkpoint
-from distill.config import load_config
+from distill.config import TrainConfig, load_config, resume_differences
 from distill.errors import DistillError
 from distill.model import JasperStudent, build_student
 from distill.stages import STAGES
@@ -106,6 +106,16 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     assert checkpoint.latest(stage_dir).name == "step-00000006"
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_at_its_default_and_no_other():
+    saved = TrainConfig().to_dict()
+    del saved["length_groups"], saved["encoder_dropout"]  # written before these settings existed
+    assert resume_differences(saved, TrainConfig(), 2) == []
+    changed = load_config(None, ["length_groups=4", "encoder_dropout=false"])
+    assert resume_differences(saved, changed, 2) == ["length_groups: 1 != 4", "encoder_dropout: True != False"]
+    with pytest.raises(DistillError, match="length_groups=0: use a whole number >= 1"):
+        load_config(None, ["length_groups=0"])
+
+
 def test_a_run_killed_before_its_first_checkpoint_leaves_no_line_in_the_next_runs_log(tmp_path):
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     straight = run(load_config(config_file(tmp_path / "straight", store.url, steps=6)), 1).parent
@@ -166,6 +176,33 @@ def test_gradient_checkpointing_trains_to_the_same_numbers(tmp_path):
     np.testing.assert_allclose(losses(recomputed), losses(plain), rtol=1e-5)
     for name, weight in final_weights(plain).items():
         torch.testing.assert_close(final_weights(recomputed)[name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_length_groups_train_to_the_same_numbers_and_encoder_dropout_can_be_off(tmp_path):
+    from tiny_models import save_text_encoder
+
+    bert = save_text_encoder("bert", tmp_path / "bert")  # BERT carries dropout 0.1; the tiny Qwen2 none
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    student = student_settings(tmp_path)
+    built, tokenizer = build_student(str(bert), SiglipVisionConfig(**student["vision"]),
+                                     head_dims=student["head_dims"], num_img_tokens=5,
+                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
+    built.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    runs = {}
+    for name, overrides in (("dropout", []), ("no dropout", ["encoder_dropout=false"]),
+                            ("no dropout, groups", ["encoder_dropout=false", "length_groups=3"])):
+        (tmp_path / name).mkdir()
+        config = load_config(config_file(tmp_path / name, store.url, steps=3),
+                             [f"student.text_encoder={bert}", *overrides])
+        runs[name] = run(config, 3, init_from=tmp_path / "start").parent
+    # groups draw no dropout masks of other shapes only when there is no dropout: the same steps
+    np.testing.assert_allclose(losses(runs["no dropout, groups"]), losses(runs["no dropout"]), rtol=1e-5)
+    for name, weight in final_weights(runs["no dropout"]).items():
+        torch.testing.assert_close(final_weights(runs["no dropout, groups"])[name], weight, atol=1e-6, rtol=1e-5)
+    assert not np.allclose(losses(runs["dropout"]), losses(runs["no dropout"]), rtol=1e-3)
+    saved = json.loads((runs["no dropout"] / "final" / "config.json").read_text())
+    assert saved["text_config"]["hidden_dropout_prob"] == 0.1  # the model keeps its own rates
 
 
 def test_a_checkpoint_with_a_missing_or_changed_file_is_named_and_never_loaded(tmp_path):
@@ -360,7 +397,9 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     from distill.train import initial_student
 
     store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
-    config = load_config(config_file(tmp_path, store.url), ["fc1_init=lstsq", "fc1_init_rows=80"])
+    # heads: FC1, one wider than the encoder (hidden 32 + the bias: 33 dims reach FC1's rank), smaller ones
+    config = load_config(config_file(tmp_path, store.url), ["fc1_init=lstsq", "fc1_init_rows=80",
+                                                             f"student.head_dims=[{TARGET_DIM},40,16,4]"])
     model, tokenizer = initial_student(config)
     # independent expectation: numpy's least squares on the same pooled states (3 shards: 32 + 32 + 16 rows)
     texts, targets = store.read_texts(0, 80), store.read_targets(0, 80).astype(np.float64)
@@ -368,13 +407,17 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     expected, *_ = np.linalg.lstsq(design, targets, rcond=None)
     np.testing.assert_allclose(model.heads["fc1"].weight.detach().numpy(), expected[:-1].T, atol=1e-3)
     np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
-    # a smaller head fits the targets' top principal directions: its dot products are those of
-    # numpy's fit of the targets projected on their top 16 right singular vectors (signs cancel)
-    top = np.linalg.svd(targets, full_matrices=False)[2][:16].T
-    projected, *_ = np.linalg.lstsq(design, targets @ top, rcond=None)
+    # a smaller head's dot products are the best rank-d approximation of FC1's (independently: the
+    # top d eigenpairs of the Gram matrix of numpy's fitted outputs); at d >= 33, FC1's exactly
+    gram = (design @ expected) @ (design @ expected).T
+    values, vectors = np.linalg.eigh(gram)
     with torch.no_grad():
-        fc2 = model.heads["fc2"](torch.as_tensor(design[:, :-1], dtype=torch.float32)).double().numpy()
-    np.testing.assert_allclose(fc2 @ fc2.T, (design @ projected) @ (design @ projected).T, atol=2e-3)
+        states = torch.as_tensor(design[:, :-1], dtype=torch.float32)
+        heads = {name: model.heads[name](states).double().numpy() for name in ("fc2", "fc3")}
+    np.testing.assert_allclose(heads["fc2"] @ heads["fc2"].T, gram, atol=2e-3)
+    best = (vectors[:, -16:] * values[-16:]) @ vectors[:, -16:].T
+    np.testing.assert_allclose(heads["fc3"] @ heads["fc3"].T, best, atol=2e-3)
+    assert np.abs(best - gram).max() > 0.05  # 16 dims do lose something: the check above is not trivial
     # stage 1 starts closer to the targets than from a random FC1
     fitted = run(config, 1).parent
     random_start = run(load_config(config_file(tmp_path / "random", store.url)), 1).parent
