@@ -8,6 +8,7 @@ query prompts are in its config (`encode(texts, prompt_name="s2p_query")`); docu
 The full student, vision tower included, stays loadable with `JasperStudent.from_pretrained`.
 """
 
+import copy
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,10 +52,13 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
     with tempfile.TemporaryDirectory() as tmp:
         model.text_encoder.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        transformer = Transformer(tmp, max_seq_length=max_length)
-        # Keep the student's own tokenizer object: reloading a tokenizer.json beside a qwen2
+        transformer = Transformer(tmp)
+        # Keep the student's own tokenizer (a copy): reloading a tokenizer.json beside a qwen2
         # config yields Qwen2Tokenizer, whose pre-tokenizer may split text differently.
-        transformer.processor = tokenizer
+        transformer.processor = copy.deepcopy(tokenizer)
+        # sentence-transformers keeps this as the tokenizer's model_max_length, saved with it: set
+        # after the tokenizer is in place, or the export reads as far as the tokenizer's own limit
+        transformer.max_seq_length = max_length
         hidden = model.config.text_config.hidden_size
         dense = Dense(hidden, dim, bias=True, activation_function=torch.nn.Identity())
         dense.linear.load_state_dict(head.state_dict())
