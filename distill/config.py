@@ -110,8 +110,8 @@ class TrainConfig:
     # computed. Worth it on CPU for short, mixed-length texts (the demo: 1.5-1.8x per step); 1 = off
     length_groups: int = 1
     # Stage 1's heads: "random" (the paper) or "lstsq": FC1 the least-squares fit of the targets from
-    # the pooled states of the store's first `fc1_init_rows` usable rows, the smaller heads the fit of
-    # the targets' top principal directions (distill/fc1_init.py)
+    # the pooled states of the store's first `fc1_init_rows` usable rows, the smaller heads FC1 on its
+    # outputs' top principal directions (distill/fc1_init.py)
     fc1_init: str = "random"
     fc1_init_rows: int = 4096
     # Stage 1 on the pooled states of the store's usable rows, encoded once with the frozen encoder

@@ -14,8 +14,9 @@ products best preserve the targets': any affine head's outputs H lie in the colu
 [P, 1], where T T^T differs from F F^T only by terms H cannot reach, so the best H H^T is the best
 rank-d approximation of F F^T. F has rank at most h + 1, so a head of h + 1 dims or more (the demo's
 512-d one over MiniLM's 384) keeps FC1's dot products exactly. The paper's losses act on normalised
-vectors, so this is a start, not their optimum; the stages train on from it. Rows were shuffled at prepare, so the first usable rows are a random sample. The paper
-preset keeps the paper's random init; the demo turns this on.
+vectors, so this is a start, not their optimum; the stages train on from it. Rows were shuffled at
+prepare, so the first usable rows are a random sample. The paper preset keeps the paper's random
+init; the demo turns this on.
 
 Example::
 

@@ -170,6 +170,7 @@ def test_length_groups_encode_fewer_columns(student, monkeypatch):
     lengths = sorted(batch["attention_mask"].sum(1).tolist())
     assert widths == lengths  # each text alone, cut to its own length
 
+
 def test_disable_dropout_makes_training_mode_compute_the_eval_vectors(student):
     model, tokenizer = student
     model = copy.deepcopy(model)
@@ -177,7 +178,10 @@ def test_disable_dropout_makes_training_mode_compute_the_eval_vectors(student):
         if isinstance(getattr(layer, "attention_dropout", None), float):
             layer.attention_dropout = 0.5
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    run = lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["fc1"].detach()  # noqa: E731
+
+    def run():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["fc1"].detach()
+
     model.eval()
     expected = run()
     model.train()
