@@ -113,7 +113,10 @@ class TrainConfig:
     # the pooled states of the store's first `fc1_init_rows` usable rows, the smaller heads FC1 on its
     # outputs' top principal directions (distill/fc1_init.py)
     fc1_init: str = "random"
-    fc1_init_rows: int = 4096
+    fc1_init_rows: int = 4096  # also the rows `stage3_heads_from_fc1` projects on
+    # Stage 3's fresh start: the smaller heads again FC1 on its outputs' top principal directions, over
+    # the encoder as stage 2 left it (they start training here; distill/fc1_init.py)
+    stage3_heads_from_fc1: bool = False
     # Stage 1 on the pooled states of the store's usable rows, encoded once with the frozen encoder
     # (exact up to rounding; in memory on every process: distill/pooled.py)
     stage1_pooled: bool = False

@@ -44,7 +44,7 @@ from distill import checkpoint
 from distill.config import TrainConfig, resume_differences, write_json_atomic
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
 from distill.errors import DistillError
-from distill.fc1_init import fit_heads
+from distill.fc1_init import fit_heads, heads_from_fc1
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student, disable_dropout
 from distill.pooled import PooledRows, pooled_states
@@ -116,6 +116,8 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     if not config.encoder_dropout:
         disable_dropout(model.text_encoder)
     pooled = start_stage1(config, model, tokenizer, accelerator, saved, init_from) if stage == 1 else None
+    if stage == 3 and saved is None and config.stage3_heads_from_fc1:
+        start_stage3_heads(config, model, tokenizer, accelerator)
     if config.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -224,6 +226,15 @@ def start_stage1(config: TrainConfig, model: JasperStudent, tokenizer, accelerat
     if init_from is None and saved is None:
         fit_initial_heads(config, model, tokenizer, pooled)
     return pooled
+
+
+def start_stage3_heads(config: TrainConfig, model: JasperStudent, tokenizer, accelerator: Accelerator) -> None:
+    """`stage3_heads_from_fc1`: the smaller heads from FC1's geometry over the encoder stage 2 left,
+    on the pooled states of the store's first `fc1_init_rows` usable rows."""
+    model.to(accelerator.device)
+    _, texts, _ = store_sample(config, config.fc1_init_rows)
+    heads_from_fc1(model, pooled_states(model, tokenizer, texts, max_length=config.max_length))
+    print(f"stage 3: smaller heads from FC1's outputs on {len(texts)} rows")
 
 
 def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:

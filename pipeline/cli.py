@@ -51,7 +51,8 @@ def eval_command(
     model: Path = typer.Argument(..., help="A student folder (a stage's final/) to score."),
     preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT,
 ):
-    """Score one student on the run's tasks (benchmarks per head, fidelity, emoji) and print JSON."""
+    """Score one student on the run's tasks (benchmarks per head, fidelity, emoji) and print JSON
+    (the scores, not each query's rank)."""
     from transformers import AutoTokenizer
 
     from distill.model import JasperStudent
@@ -63,7 +64,13 @@ def eval_command(
     heldout, pairs = held_out_data(settings)
     scores = score_student(JasperStudent.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings,
                            heldout, pairs)
-    print(json.dumps(scores, indent=1))
+    print(json.dumps(without_ranks(scores), indent=1))
+
+
+def without_ranks(scores: dict) -> dict:
+    """The scores without each query's rank (kept in eval.json for the report's paired errors)."""
+    return {key: without_ranks(value) if isinstance(value, dict) else value for key, value in scores.items()
+            if key != "ranks" and not key.endswith(" ranks")}
 
 
 @app.command("export")

@@ -76,12 +76,13 @@ def python_docs_retrieval(encode: TextEncoder,
     return retrieval_metrics(_unit(encode([p["query"] for p in pairs])), _unit(encode([p["document"] for p in pairs])))
 
 
-def retrieval_metrics(queries: np.ndarray, answers: np.ndarray) -> dict[str, float]:
-    """Query i's right answer is answers[i]; its rank = answers scoring strictly higher, plus one."""
+def retrieval_metrics(queries: np.ndarray, answers: np.ndarray) -> dict:
+    """Query i's right answer is answers[i]; its rank = answers scoring strictly higher, plus one.
+    The ranks are kept too, so two models can be compared query by query (report.paired_error)."""
     scores = _unit(queries) @ _unit(answers).T
     ranks = (scores > np.diag(scores)[:, None]).sum(1) + 1
     return {"R@1": float((ranks <= 1).mean()), "R@10": float((ranks <= 10).mean()),
-            "MRR": float((1.0 / ranks).mean())}
+            "MRR": float((1.0 / ranks).mean()), "ranks": ranks.tolist()}
 
 
 @torch.no_grad()
@@ -106,8 +107,9 @@ def image_caption_retrieval(model, tokenizer, folder: Path, pairs, image_size: i
             for head in images[0]}
 
 
-def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict[str, float]:
-    """Every text task, flat: {'lee': ..., 'wordsim353': ..., 'simlex999': ..., 'wordnet R@1': ...}."""
+def text_benchmarks(encode: TextEncoder, data: Path = DATA) -> dict:
+    """Every text task, flat: {'lee': ..., 'wordsim353': ..., 'simlex999': ..., 'wordnet R@1': ...,
+    'wordnet ranks': [...]}."""
     results = {
         "lee": lee_spearman(encode, data / "eval" / "lee"),
         "wordsim353": word_pair_spearman(encode, data / "eval" / "wordsim353.tsv"),

@@ -3,7 +3,8 @@
 Results go to <out>/eval.json, model by model (a rerun skips models already scored):
 
     {"models": {
-        "teacher mpnet": {"dim": 768, "benchmarks": {"lee": ..., "wordnet MRR": ...}},
+        "teacher mpnet": {"dim": 768, "benchmarks": {"lee": ..., "wordnet MRR": ...,
+                                                      "wordnet ranks": [1, 3, ...]}},   # per query
         "student init":  {"heads": {"fc1": {"dim": 1152, "benchmarks": {...},
                                             "fidelity": {"cosine": ..., "similarity spearman": ...},
                                             "emoji": {"R@1": ..., "MRR": ...}}, ...}},

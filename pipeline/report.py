@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
@@ -96,25 +97,40 @@ def baseline_section(models: dict, students: list[str], baseline: str | None, ga
     if base is None:
         return []
     strong = models.get(f"teacher {gap_to}", {}).get("benchmarks")
-    lines = [f"## Against {baseline} as users run it", "",
-             f"Each score, then its gain over {baseline}" + (f" and the share of the {baseline} -> {gap_to} gap "
-                                                             "it closed (negative: it lost ground)" if strong else "")
-             + ".", "", "| model | dim | " + " | ".join(BENCHMARKS) + " |", "| --- " * (len(BENCHMARKS) + 2) + "|",
+    legend = f"Each score, then its gain over {baseline}"
+    if strong:
+        legend += f" and the share of the {baseline} -> {gap_to} gap it closed (negative: it lost ground)"
+    legend += (f". A retrieval MRR's gain comes with ± the standard error of the mean per-query difference from "
+               f"{baseline}: a gain within about two of them is not told apart from noise.")
+    lines = [f"## Against {baseline} as users run it", "", legend, "",
+             "| model | dim | " + " | ".join(BENCHMARKS) + " |", "| --- " * (len(BENCHMARKS) + 2) + "|",
              row(f"teacher {baseline}", models[f"teacher {baseline}"]["dim"], base, BENCHMARKS)]
     for name in students:
         for head, scores in models[name]["heads"].items():
             if "benchmarks" not in scores:
                 continue
-            cells = [gain_cell(scores["benchmarks"][k], base[k], strong[k] if strong else None) for k in BENCHMARKS]
+            cells = [gain_cell(scores["benchmarks"][k], base[k], strong[k] if strong else None,
+                               paired_error(scores["benchmarks"], base, k)) for k in BENCHMARKS]
             lines.append(f"| {name} {head} | {scores['dim']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def gain_cell(score: float, base: float, strong: float | None) -> str:
-    cell = f"{score:.4f} ({score - base:+.4f}"
+def gain_cell(score: float, base: float, strong: float | None, error: float | None = None) -> str:
+    cell = f"{score:.4f} ({score - base:+.4f}" + (f" ± {error:.4f}" if error is not None else "")
     if strong is not None and strong != base:
         cell += f", {(score - base) / (strong - base):+.0%}"
     return cell + ")"
+
+
+def paired_error(scores: dict, base: dict, key: str) -> float | None:
+    """For a task's MRR: the standard error of the mean of (1/rank - 1/baseline's rank) over its
+    queries, from the ranks both models recorded; None for other scores, or without ranks (results
+    scored before ranks were kept)."""
+    task = key.removesuffix(" MRR")
+    if task == key or f"{task} ranks" not in scores or f"{task} ranks" not in base:
+        return None
+    difference = 1.0 / np.asarray(scores[f"{task} ranks"]) - 1.0 / np.asarray(base[f"{task} ranks"])
+    return float(difference.std(ddof=1) / np.sqrt(len(difference)))
 
 
 def plot_losses(config, path: Path) -> None:

@@ -20,6 +20,7 @@ def test_wordnet_retrieval_ranks_by_hand(tmp_path):
         "ga": [1, 0, 0], "gb": [0, 1, 0], "gc": [0, 0, 1],
     }
     result = wordnet_retrieval(lambda texts: np.array([table[t] for t in texts], dtype=float), path)
+    assert result.pop("ranks") == [1, 2, 3]
     assert result == pytest.approx({"R@1": 1 / 3, "R@10": 1.0, "MRR": (1 + 1 / 2 + 1 / 3) / 3})
 
 

@@ -26,3 +26,14 @@ def test_every_student_head_is_scored_against_the_baseline_and_the_gap_it_closed
     assert baseline_section(models, ["stage 3"], None, None) == []
     without_gap = baseline_section(models, ["stage 3"], "minilm", None)
     assert "0.5500 (+0.0500) |" in "\n".join(without_gap)
+
+
+def test_a_retrieval_gain_comes_with_the_standard_error_of_its_per_query_differences():
+    base = {**scores(0.6875), "python-docs ranks": [1, 2, 4, 1]}  # MRR (1 + 1/2 + 1/4 + 1) / 4
+    student = {**scores(0.75), "python-docs ranks": [1, 1, 2, 2]}  # MRR (1 + 1 + 1/2 + 1/2) / 4
+    models = {"teacher minilm": {"dim": 384, "benchmarks": base},
+              "stage 3": {"heads": {"fc1": {"dim": 1152, "benchmarks": student}}}}
+    fc1 = next(line for line in baseline_section(models, ["stage 3"], "minilm", None) if "stage 3 fc1" in line)
+    # per-query differences 0, 1/2, 1/4, -1/2: mean 1/16, sample sd 0.42696, over sqrt(4)
+    assert fc1.strip("| ").split(" | ")[BENCHMARKS.index("python-docs MRR") + 2] == "0.7500 (+0.0625 ± 0.2135)"
+    assert "±" not in fc1.replace("(+0.0625 ± 0.2135)", "")  # only where both recorded their ranks

@@ -407,20 +407,54 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     expected, *_ = np.linalg.lstsq(design, targets, rcond=None)
     np.testing.assert_allclose(model.heads["fc1"].weight.detach().numpy(), expected[:-1].T, atol=1e-3)
     np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
-    # a smaller head's dot products are the best rank-d approximation of FC1's (independently: the
-    # top d eigenpairs of the Gram matrix of numpy's fitted outputs); at d >= 33, FC1's exactly
-    gram = (design @ expected) @ (design @ expected).T
-    values, vectors = np.linalg.eigh(gram)
-    with torch.no_grad():
-        states = torch.as_tensor(design[:, :-1], dtype=torch.float32)
-        heads = {name: model.heads[name](states).double().numpy() for name in ("fc2", "fc3")}
-    np.testing.assert_allclose(heads["fc2"] @ heads["fc2"].T, gram, atol=2e-3)
-    best = (vectors[:, -16:] * values[-16:]) @ vectors[:, -16:].T
-    np.testing.assert_allclose(heads["fc3"] @ heads["fc3"].T, best, atol=2e-3)
-    assert np.abs(best - gram).max() > 0.05  # 16 dims do lose something: the check above is not trivial
+    assert_smaller_heads_are_fc1_projected(model, design[:, :-1], design @ expected)
     # stage 1 starts closer to the targets than from a random FC1
     fitted = run(config, 1).parent
     random_start = run(load_config(config_file(tmp_path / "random", store.url)), 1).parent
     assert losses(fitted)[0][3] < losses(random_start)[0][3]  # the first step's cosine loss
     with pytest.raises(DistillError, match="fc1_init='pca'"):
         initial_student(load_config(config_file(tmp_path, store.url), ["fc1_init=pca"]))
+
+
+def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_left(tmp_path):
+    from distill.pooled import pooled_states
+
+    store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
+    student = student_settings(tmp_path)
+    built, tokenizer = build_student(student["text_encoder"], SiglipVisionConfig(**student["vision"]),
+                                     head_dims=[TARGET_DIM, 40, 16, 4], num_img_tokens=5,
+                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
+    built.save_pretrained(tmp_path / "start")  # random heads: nothing ties FC2-FC4 to FC1
+    tokenizer.save_pretrained(tmp_path / "start")
+    # a rate of 0: the stage's final model is its start
+    overrides = [f"student.head_dims=[{TARGET_DIM},40,16,4]", "fc1_init_rows=80", "stage3.learning_rate=0",
+                 "stage3_heads_from_fc1=true"]
+    final = run(load_config(config_file(tmp_path, store.url, steps=1), overrides), 3, init_from=tmp_path / "start")
+    start, weights = load_file(tmp_path / "start" / "model.safetensors"), final_weights(final.parent)
+    changed = changed_parameters(start, weights)  # FC1's bias starts at zero, and so do its projections
+    assert {f"heads.fc{i}.weight" for i in (2, 3, 4)} <= changed <= {f"heads.fc{i}.{p}" for i in (2, 3, 4)
+                                                                       for p in ("weight", "bias")}
+    model = JasperStudent.from_pretrained(final, dtype=torch.float32)
+    states = pooled_states(model, AutoTokenizer.from_pretrained(final), store.read_texts(0, 80), max_length=16)
+    with torch.no_grad():
+        fc1_outputs = model.heads["fc1"](states).double().numpy()
+    assert_smaller_heads_are_fc1_projected(model, states.double().numpy(), fc1_outputs)
+    with pytest.raises(DistillError, match="set fc1_init_rows to at least 40"):
+        run(load_config(config_file(tmp_path / "few", store.url, steps=1), [*overrides, "fc1_init_rows=20"]), 3,
+            init_from=tmp_path / "start")
+
+
+def assert_smaller_heads_are_fc1_projected(model: JasperStudent, states: np.ndarray, fc1_outputs: np.ndarray):
+    """On these pooled states, fc2 (40 dims: the tiny encoder's 32 + the bias reach FC1's rank) keeps
+    FC1's dot products exactly, and fc3's (16 dims) are their best rank-16 approximation
+    (independently: the top eigenpairs of the Gram matrix, by numpy)."""
+    gram = fc1_outputs @ fc1_outputs.T
+    values, vectors = np.linalg.eigh(gram)
+    with torch.no_grad():
+        heads = {name: model.heads[name](torch.as_tensor(states, dtype=torch.float32)).double().numpy()
+                 for name in ("fc2", "fc3")}
+    tolerance = 2e-3 * np.abs(gram).max()
+    np.testing.assert_allclose(heads["fc2"] @ heads["fc2"].T, gram, atol=tolerance)
+    best = (vectors[:, -16:] * values[-16:]) @ vectors[:, -16:].T
+    np.testing.assert_allclose(heads["fc3"] @ heads["fc3"].T, best, atol=tolerance)
+    assert np.abs(best - gram).max() > 5 * tolerance  # 16 dims do lose something: the check above is not trivial
