@@ -22,8 +22,9 @@ from benchmarks.table import markdown
 GROUPS = {
     "build": lambda quick: build_throughput.measure(n_texts=300 if quick else 2000),
     "store": lambda quick: store_io.measure(quick),
-    "train": lambda quick: (train_throughput.measure(rows=512, steps=6, workers=1, repeats=1) if quick
-                            else train_throughput.measure()),
+    "train": lambda quick: (train_throughput.measure(rows=512, steps=6, workers=1, repeats=1)
+                            + train_throughput.measure_length_groups(rows=256, steps=3, repeats=1) if quick
+                            else train_throughput.measure() + train_throughput.measure_length_groups()),
     "resim": lambda quick: resim.measure(quick),
     "pipeline": lambda quick: pipeline_phases.measure("tiny" if quick else "demo"),
     "paper-models": lambda quick: paper_models.measure(quick),

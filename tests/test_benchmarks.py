@@ -19,7 +19,8 @@ def test_quick_benchmarks_write_every_row(tmp_path):
     assert results["mode"] == "quick" and "cores" in results["machine"]
     what = [row["what"] for row in results["rows"]]
     for expected in ("phase 1 build", "padded-token efficiency", "store write, demo", "store write, paper",
-                     "block reads, cold, paper", "random single-row reads", "training samples/s",
+                     "block reads, cold, paper", "random single-row reads",
+                     "training samples/s, stage 1", "length groups",
                      "L_resim forward+backward time, B = 128", "L_resim peak memory, B = 128",
                      "tiny pipeline: stage 4", "tiny pipeline: total", "nv-embed all parameters",
                      "stage-3 step per GPU", "scale: prepare at 20,000 texts", "scale: verify (all), time growth"):
