@@ -22,6 +22,7 @@ teachers embedded into <out>/heldout.zarr; emoji retrieval on the pairs held out
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,14 @@ def read_results(out: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"models": {}}
 
 
+# a list of whole numbers as json.dumps(indent=1) lays it out: one number per line
+_NUMBER_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]")
+
+
 def save_results(out: Path, results: dict) -> None:
-    write_atomic(out / EVAL_FILE, json.dumps(results, indent=1))
+    """eval.json, indented, with each list of ranks on one line (~2,000 per task and head)."""
+    text = json.dumps(results, indent=1)
+    write_atomic(out / EVAL_FILE, _NUMBER_LIST.sub(lambda found: re.sub(r"\s+", "", found.group()), text))
 
 
 def evaluate_run(config: PipelineConfig, log=print) -> dict:

@@ -74,6 +74,9 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
 
     models = json.loads((out / "eval.json").read_text())["models"]
     assert list(models) == ["teacher tiny-a", "teacher tiny-b", *STUDENTS]
+    # each query's rank is kept (for the report's paired errors), a task's list on one line
+    assert len(models["stage 3"]["heads"]["fc1"]["benchmarks"]["python-docs ranks"]) == 1171
+    assert len((out / "eval.json").read_text().splitlines()) < 1000
     for name in STUDENTS:
         heads = models[name]["heads"]
         assert [heads[h]["dim"] for h in heads] == [96, 32, 16, 8]
