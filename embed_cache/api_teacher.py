@@ -127,10 +127,18 @@ class ApiShardEncoder:
         summary.reused += int(covered.sum())
         if on_batch is not None and covered.any():
             on_batch(int(covered.sum()), 0)
+        def answered(a: int, b: int):
+            block, billed = self.client.embed(inputs[a:b], int(tokens[a:b].sum()))
+            # journalled by the thread that asked, before it sends another request: a kill then
+            # finds at most `concurrency` answers unrecorded (those in flight), where leaving it to
+            # this loop would add every answer still queued for it
+            if self.journal is not None:
+                self.journal.write(shard, a, keys[a:b], block)
+            return block, billed
+
         failure = None
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix=f"api-{self.spec.name}") as pool:
-            requests = {pool.submit(self.client.embed, inputs[a:b], int(tokens[a:b].sum())): (a, b)
-                        for a, b in self.plan(tokens, covered)}
+            requests = {pool.submit(answered, a, b): (a, b) for a, b in self.plan(tokens, covered)}
             for future in as_completed(requests):
                 if future.cancelled():
                     continue
@@ -142,8 +150,6 @@ class ApiShardEncoder:
                     continue
                 a, b = requests[future]
                 block, billed = future.result()
-                if self.journal is not None:
-                    self.journal.write(shard, a, keys[a:b], block)
                 vectors[a:b] = block
                 summary.requests += 1
                 summary.real_tokens += int(billed if billed is not None else tokens[a:b].sum())
