@@ -22,12 +22,17 @@ from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.spec import PRESETS
 from embed_cache.store import TargetStore
 
-WORDNET = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"
+CORPUS = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus"
+
+
+def first_texts(name: str, n: int) -> list[str]:
+    """The first `n` texts of one of the demo's shipped corpus files."""
+    with gzip.open(CORPUS / name, "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for _, line in zip(range(n), handle)]
 
 
 def glosses(n: int) -> list[str]:
-    with gzip.open(WORDNET, "rt", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for _, line in zip(range(n), handle)]
+    return first_texts("wordnet_glosses.jsonl.gz", n)
 
 
 def measure(n_texts: int = 2000, model: str = "minilm", batch_tokens: int = 16384) -> list[Row]:

@@ -18,7 +18,6 @@ Runs alternate (ours, baseline, ours, ...) and the median of each side is report
 
 import argparse
 import contextlib
-import gzip
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.build_throughput import glosses
+from benchmarks.build_throughput import first_texts, glosses
 from benchmarks.table import Row, markdown
 from distill.config import TrainConfig
 from distill.train import run
@@ -38,17 +37,11 @@ from embed_cache.spec import PRESETS
 from embed_cache.store import TargetStore
 from embed_cache.teachers import model_location
 
-CORPUS = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus"
-
 
 def demo_texts(rows: int) -> list[str]:
     """The demo corpus's mix of lengths: WordNet texts 85%, Lee news sentences 15%, shuffled."""
-    def first(name: str, count: int) -> list[str]:
-        with gzip.open(CORPUS / name, "rt", encoding="utf-8") as handle:
-            return [json.loads(line)["text"] for _, line in zip(range(count), handle)]
-
     news = rows * 15 // 100
-    texts = first("wordnet_texts.jsonl.gz", rows - news) + first("lee_background.jsonl.gz", news)
+    texts = first_texts("wordnet_texts.jsonl.gz", rows - news) + first_texts("lee_background.jsonl.gz", news)
     random.Random(0).shuffle(texts)
     return texts
 

@@ -232,7 +232,7 @@ def start_stage3_heads(config: TrainConfig, model: JasperStudent, tokenizer, acc
     """`stage3_heads_from_fc1`: the smaller heads from FC1's geometry over the encoder stage 2 left,
     on the pooled states of the store's first `fc1_init_rows` usable rows."""
     model.to(accelerator.device)
-    _, texts, _ = store_sample(config, config.fc1_init_rows)
+    _, texts, _ = store_sample(config, config.fc1_init_rows, targets=False)  # FC1 is the target here
     heads_from_fc1(model, pooled_states(model, tokenizer, texts, max_length=config.max_length))
     print(f"stage 3: smaller heads from FC1's outputs on {len(texts)} rows")
 
@@ -287,20 +287,22 @@ def training_shards(store: TargetStore, config: TrainConfig, saved: dict | None)
     return shards
 
 
-def store_sample(config: TrainConfig, rows: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Row indices, texts and targets of the store's first `rows` usable rows (rows were shuffled at
-    prepare)."""
+def store_sample(config: TrainConfig, rows: int,
+                 targets: bool = True) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """Row indices, texts and (unless `targets` is False) targets of the store's first `rows` usable
+    rows (rows were shuffled at prepare)."""
     store = open_store(config)
-    indices, texts, targets = [], [], []
+    indices, texts, vectors = [], [], []
     for shard in usable_shards(store, config.allow_partial):
         start, stop = store.shard_range(shard)
         stop = min(stop, start + rows - len(texts))
         indices.append(np.arange(start, stop))
         texts += store.read_texts(start, stop)
-        targets.append(store.read_targets(start, stop).astype(np.float32))
+        if targets:
+            vectors.append(store.read_targets(start, stop).astype(np.float32))
         if len(texts) >= rows:
             break
-    return np.concatenate(indices), texts, np.concatenate(targets)
+    return np.concatenate(indices), texts, np.concatenate(vectors) if targets else None
 
 
 def make_batches(config: TrainConfig, spec: StageSpec, model: JasperStudent,

@@ -127,6 +127,7 @@ class ApiShardEncoder:
         summary.reused += int(covered.sum())
         if on_batch is not None and covered.any():
             on_batch(int(covered.sum()), 0)
+
         def answered(a: int, b: int):
             block, billed = self.client.embed(inputs[a:b], int(tokens[a:b].sum()))
             # journalled by the thread that asked, before it sends another request: a kill then

@@ -46,6 +46,17 @@ def changed_parameters(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
+def saved_start(tmp_path: Path, text_encoder: str | None = None, head_dims: list[int] | None = None) -> Path:
+    """A fresh tiny student (random heads) saved to tmp_path/start, for a stage 3 run's init_from."""
+    student = student_settings(tmp_path)
+    built, tokenizer = build_student(text_encoder or student["text_encoder"], SiglipVisionConfig(**student["vision"]),
+                                     head_dims=head_dims or student["head_dims"], num_img_tokens=5,
+                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
+    built.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    return tmp_path / "start"
+
+
 @pytest.mark.slow
 def test_stages_1_to_3_overfit_a_fixed_batch_and_train_only_their_parameters(tmp_path, monkeypatch):
     def no_teacher(*args, **kwargs):
@@ -161,17 +172,12 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_a_fresh_start(tmp_p
 
 def test_gradient_checkpointing_trains_to_the_same_numbers(tmp_path):
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
-    student = student_settings(tmp_path)
-    built, tokenizer = build_student(student["text_encoder"], SiglipVisionConfig(**student["vision"]),
-                                     head_dims=student["head_dims"], num_img_tokens=5,
-                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
-    built.save_pretrained(tmp_path / "start")
-    tokenizer.save_pretrained(tmp_path / "start")
+    start = saved_start(tmp_path)
     runs = {}
     for name, overrides in (("plain", []), ("recomputed", ["gradient_checkpointing=true"])):
         (tmp_path / name).mkdir()
         config = load_config(config_file(tmp_path / name, store.url, steps=3), overrides)
-        runs[name] = run(config, 3, init_from=tmp_path / "start").parent
+        runs[name] = run(config, 3, init_from=start).parent
     plain, recomputed = runs["plain"], runs["recomputed"]
     np.testing.assert_allclose(losses(recomputed), losses(plain), rtol=1e-5)
     for name, weight in final_weights(plain).items():
@@ -183,19 +189,14 @@ def test_length_groups_train_to_the_same_numbers_and_encoder_dropout_can_be_off(
 
     bert = save_text_encoder("bert", tmp_path / "bert")  # BERT carries dropout 0.1; the tiny Qwen2 none
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
-    student = student_settings(tmp_path)
-    built, tokenizer = build_student(str(bert), SiglipVisionConfig(**student["vision"]),
-                                     head_dims=student["head_dims"], num_img_tokens=5,
-                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
-    built.save_pretrained(tmp_path / "start")
-    tokenizer.save_pretrained(tmp_path / "start")
+    start = saved_start(tmp_path, text_encoder=str(bert))
     runs = {}
     for name, overrides in (("dropout", []), ("no dropout", ["encoder_dropout=false"]),
                             ("no dropout, groups", ["encoder_dropout=false", "length_groups=3"])):
         (tmp_path / name).mkdir()
         config = load_config(config_file(tmp_path / name, store.url, steps=3),
                              [f"student.text_encoder={bert}", *overrides])
-        runs[name] = run(config, 3, init_from=tmp_path / "start").parent
+        runs[name] = run(config, 3, init_from=start).parent
     # groups draw no dropout masks of other shapes only when there is no dropout: the same steps
     np.testing.assert_allclose(losses(runs["no dropout, groups"]), losses(runs["no dropout"]), rtol=1e-5)
     for name, weight in final_weights(runs["no dropout"]).items():
@@ -420,18 +421,13 @@ def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_lef
     from distill.pooled import pooled_states
 
     store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
-    student = student_settings(tmp_path)
-    built, tokenizer = build_student(student["text_encoder"], SiglipVisionConfig(**student["vision"]),
-                                     head_dims=[TARGET_DIM, 40, 16, 4], num_img_tokens=5,
-                                     tokenizer=AutoTokenizer.from_pretrained(student["tokenizer"]))
-    built.save_pretrained(tmp_path / "start")  # random heads: nothing ties FC2-FC4 to FC1
-    tokenizer.save_pretrained(tmp_path / "start")
+    start = saved_start(tmp_path, head_dims=[TARGET_DIM, 40, 16, 4])  # random heads: nothing ties FC2-FC4 to FC1
     # a rate of 0: the stage's final model is its start
     overrides = [f"student.head_dims=[{TARGET_DIM},40,16,4]", "fc1_init_rows=80", "stage3.learning_rate=0",
                  "stage3_heads_from_fc1=true"]
-    final = run(load_config(config_file(tmp_path, store.url, steps=1), overrides), 3, init_from=tmp_path / "start")
-    start, weights = load_file(tmp_path / "start" / "model.safetensors"), final_weights(final.parent)
-    changed = changed_parameters(start, weights)  # FC1's bias starts at zero, and so do its projections
+    final = run(load_config(config_file(tmp_path, store.url, steps=1), overrides), 3, init_from=start)
+    # FC1's bias starts at zero, and so do its projections
+    changed = changed_parameters(load_file(start / "model.safetensors"), final_weights(final.parent))
     assert {f"heads.fc{i}.weight" for i in (2, 3, 4)} <= changed <= {f"heads.fc{i}.{p}" for i in (2, 3, 4)
                                                                        for p in ("weight", "bias")}
     model = JasperStudent.from_pretrained(final, dtype=torch.float32)
@@ -441,7 +437,7 @@ def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_lef
     assert_smaller_heads_are_fc1_projected(model, states.double().numpy(), fc1_outputs)
     with pytest.raises(DistillError, match="set fc1_init_rows to at least 40"):
         run(load_config(config_file(tmp_path / "few", store.url, steps=1), [*overrides, "fc1_init_rows=20"]), 3,
-            init_from=tmp_path / "start")
+            init_from=start)
 
 
 def assert_smaller_heads_are_fc1_projected(model: JasperStudent, states: np.ndarray, fc1_outputs: np.ndarray):
