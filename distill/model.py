@@ -40,7 +40,7 @@ from transformers.configuration_utils import SubConfigSpec
 from distill.errors import DistillError
 from embed_cache.native import apply_saved_attention, load_tokenizer, mean_pool, native_architecture, set_attention
 from embed_cache.stella import STELLA_ATTENTION, STELLA_EOS, load_stella_backbone
-from embed_cache.teachers import model_metadata, native_folder
+from embed_cache.teachers import model_metadata, model_prompts, native_folder
 
 PAPER_HEAD_DIMS = (12288, 1024, 512, 256)
 DEMO_HEAD_DIMS = (1152, 512, 256, 128)
@@ -67,6 +67,15 @@ class JasperConfig(PreTrainedConfig):
         head_dims: output size of FC1, FC2, ... (paper: 12288, 1024, 512, 256).
         num_img_tokens: how many placeholder tokens an image occupies (paper: 300).
         image_start_token_id, image_token_id, image_end_token_id: set by :func:`prepare_tokenizer`.
+        encoder_prompts: the prompts, by name, that the text encoder came with (its
+            config_sentence_transformers.json, read by :func:`build_student`: Stella's ``s2p_query``
+            and ``s2s_query``; none for all-MiniLM-L6-v2).
+        trained_prompts: the prompts, by name, that distillation prepended to the texts the student
+            trained on: none, as the corpus texts carry none (teachers' prompts stay in the store).
+
+    A student answers to exactly ``encoder_prompts`` and ``trained_prompts`` (:attr:`JasperStudent.prompts`):
+    exports and the MTEB adapter offer those and no others, since a prompt the student never met
+    moves its vectors off everything it learned.
     """
 
     model_type = "jasper_student"
@@ -82,9 +91,14 @@ class JasperConfig(PreTrainedConfig):
     image_start_token_id: int | None = None
     image_token_id: int | None = None
     image_end_token_id: int | None = None
+    encoder_prompts: dict[str, str] | None = None
+    trained_prompts: dict[str, str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # a student saved before prompts were recorded was built and trained without any it could use
+        self.encoder_prompts = dict(self.encoder_prompts or {})
+        self.trained_prompts = dict(self.trained_prompts or {})
         self.head_dims = [int(dim) for dim in self.head_dims]  # JSON gives lists; keep one type
         if not self.head_dims:
             raise ValueError("head_dims is empty: give at least one head size, e.g. (12288, 1024, 512, 256).")
@@ -129,6 +143,12 @@ class JasperStudent(PreTrainedModel):
         config.text_config = self.text_encoder.config
         config.vision_config = self.vision_tower.config
         self.post_init()
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The prompts this student answers to, by name: its encoder's own, then those it trained
+        with (a trained prompt wins a shared name); {} when it knows none, so texts go in bare."""
+        return {**self.config.encoder_prompts, **self.config.trained_prompts}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadOutputs:
         """One raw vector per head for each text: ``{"fc1": [B, d1], "fc2": [B, d2], ...}``."""
@@ -288,7 +308,9 @@ def build_student(
             encoder's own (Stella's: appended, as its released tokenizer does).
 
     Returns:
-        ``(model, tokenizer)`` with the image tokens added (see :func:`prepare_tokenizer`).
+        ``(model, tokenizer)`` with the image tokens added (see :func:`prepare_tokenizer`); the
+        encoder's own prompts (its config_sentence_transformers.json) recorded in
+        ``model.config.encoder_prompts``.
 
     Example::
 
@@ -313,6 +335,7 @@ def build_student(
         vision_config=vision_tower.config.to_dict(),
         head_dims=list(head_dims),
         num_img_tokens=num_img_tokens,
+        encoder_prompts=model_prompts(str(text_encoder), revision),
     )
     model = JasperStudent(config, text_encoder=encoder, vision_tower=vision_tower)
     prepare_tokenizer(model, tokenizer)

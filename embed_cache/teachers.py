@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import CacheError
-from .native import NativeEncoder, native_architecture, read_config, read_modules
+from .native import NativeEncoder, native_architecture
 from .spec import TeacherSpec
 
 # ---------------------------------------------------------------------- loading
@@ -41,18 +41,31 @@ def local_model(model: str) -> str:
 def model_metadata(location: str, revision: str | None) -> tuple[dict, list[dict]]:
     """config.json and modules.json of a folder, or of a hub repository at `revision` (fetched alone,
     before any weights, so that the architecture and any `auto_map` are known before anything runs)."""
+    return _model_json(location, "config.json", revision, {}), _model_json(location, "modules.json", revision, [])
+
+
+def model_prompts(location: str, revision: str | None) -> dict[str, str]:
+    """The prompts a sentence-transformers model offers by name (its config_sentence_transformers.json:
+    Stella's `s2p_query` and `s2s_query`); {} for a model that has none."""
+    prompts = _model_json(location, "config_sentence_transformers.json", revision, {}).get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise CacheError(f"{location}'s config_sentence_transformers.json has `prompts` that are not a mapping of "
+                         "names to strings: fix that file or use another copy of the model.")
+    return dict(prompts)
+
+
+def _model_json(location: str, name: str, revision: str | None, missing):
+    """One JSON file of a model folder or hub repository; `missing` when the model has no such file."""
     if Path(location).is_dir():
-        return read_config(Path(location)), read_modules(Path(location))
+        path = Path(location) / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else missing
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    found = []
-    for name in ("config.json", "modules.json"):
-        try:
-            found.append(json.loads(Path(hf_hub_download(location, name, revision=revision)).read_text("utf-8")))
-        except EntryNotFoundError:
-            found.append({} if name == "config.json" else [])
-    return found[0], found[1]
+    try:
+        return json.loads(Path(hf_hub_download(location, name, revision=revision)).read_text("utf-8"))
+    except EntryNotFoundError:
+        return missing
 
 
 def native_folder(location: str, revision: str | None) -> str:

@@ -51,20 +51,20 @@ def eval_command(
     model: Path = typer.Argument(..., help="A student folder (a stage's final/) to score."),
     preset: str = PRESET, config: Path = CONFIG, overrides: list[str] = OVERRIDES, out: str = OUT,
 ):
-    """Score one student on the run's tasks (benchmarks per head, fidelity, emoji) and print JSON
-    (the scores, not each query's rank)."""
+    """Score one student on the run's tasks (benchmarks per head, fidelity, emoji) and print JSON: the
+    prompt it was scored with, the prompts its exports offer, and the scores (not each query's rank)."""
     from transformers import AutoTokenizer
 
     from distill.model import JasperStudent
-    from pipeline.evaluate_run import held_out_data, score_student
+    from pipeline.evaluate_run import held_out_data, prompt_record, score_student
 
     settings = load_pipeline_config(preset, config, overrides, out)
     if not (model / "config.json").is_file():
         raise PipelineError(f"{model} holds no saved student (config.json): pass a stage's final/ folder.")
     heldout, pairs = held_out_data(settings)
-    scores = score_student(JasperStudent.from_pretrained(model), AutoTokenizer.from_pretrained(model), settings,
-                           heldout, pairs)
-    print(json.dumps(without_ranks(scores), indent=1))
+    student = JasperStudent.from_pretrained(model)
+    scores = score_student(student, AutoTokenizer.from_pretrained(model), settings, heldout, pairs)
+    print(json.dumps({**prompt_record(student), "heads": without_ranks(scores)}, indent=1))
 
 
 def without_ranks(scores: dict) -> dict:

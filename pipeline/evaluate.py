@@ -61,19 +61,23 @@ def word_pair_spearman(encode: TextEncoder, path: Path) -> float:
     return float(spearmanr(cosine, [float(score) for _, _, score in pairs]).statistic)
 
 
-def wordnet_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "wordnet_heldout.jsonl.gz") -> dict:
+def wordnet_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "wordnet_heldout.jsonl.gz",
+                      encode_query: TextEncoder | None = None) -> dict:
+    """`encode_query` encodes the queries when they take another mode than the documents (a prompt)."""
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         synsets = [json.loads(line) for line in handle]
-    queries = _unit(encode([", ".join(s["words"]) for s in synsets]))
+    queries = _unit((encode_query or encode)([", ".join(s["words"]) for s in synsets]))
     glosses = _unit(encode([s["gloss"] for s in synsets]))
     return retrieval_metrics(queries, glosses)
 
 
-def python_docs_retrieval(encode: TextEncoder,
-                          path: Path = DATA / "eval" / "python_docs_retrieval.jsonl.gz") -> dict[str, float]:
+def python_docs_retrieval(encode: TextEncoder, path: Path = DATA / "eval" / "python_docs_retrieval.jsonl.gz",
+                          encode_query: TextEncoder | None = None) -> dict:
+    """`encode_query` as in wordnet_retrieval."""
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         pairs = [json.loads(line) for line in handle]
-    return retrieval_metrics(_unit(encode([p["query"] for p in pairs])), _unit(encode([p["document"] for p in pairs])))
+    return retrieval_metrics(_unit((encode_query or encode)([p["query"] for p in pairs])),
+                             _unit(encode([p["document"] for p in pairs])))
 
 
 def retrieval_metrics(queries: np.ndarray, answers: np.ndarray) -> dict:

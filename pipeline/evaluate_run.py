@@ -3,12 +3,17 @@
 Results go to <out>/eval.json, model by model (a rerun skips models already scored):
 
     {"models": {
-        "teacher mpnet": {"dim": 768, "benchmarks": {"lee": ..., "wordnet MRR": ...,
-                                                      "wordnet ranks": [1, 3, ...]}},   # per query
-        "student init":  {"heads": {"fc1": {"dim": 1152, "benchmarks": {...},
+        "teacher mpnet": {"dim": 768, "prompt": "", "benchmarks": {"lee": ..., "wordnet MRR": ...,
+                                                                   "wordnet ranks": [1, 3, ...]}},   # per query
+        "student init":  {"prompt": "", "exports offer": {},
+                          "heads": {"fc1": {"dim": 1152, "benchmarks": {...},
                                             "fidelity": {"cosine": ..., "similarity spearman": ...},
                                             "emoji": {"R@1": ..., "MRR": ...}}, ...}},
         "stage 1": ..., "stage 4": ...}}
+
+"prompt" is the text put before every text a model was scored on: a teacher's spec prompt (none in
+the demo), and none for students, which trained on bare texts (no corpus row carries a prompt); "exports
+offer" the prompts a student's exports list (`JasperStudent.prompts`: its encoder's own, if any).
 
 Each student also records its "text fingerprint" (xxh3 of its text-side weights): a model whose text
 side equals one already scored (stage 4 trains only the vision tower) reuses those text scores, and
@@ -71,7 +76,8 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
                 continue
             if f"teacher {spec.name}" not in models:
                 log(f"[evaluate] teacher {spec.name}")
-                models[f"teacher {spec.name}"] = {"dim": spec.dim, "benchmarks": teacher_benchmarks(spec)}
+                models[f"teacher {spec.name}"] = {"dim": spec.dim, "prompt": spec.prompt,
+                                                  "benchmarks": teacher_benchmarks(spec)}
                 save_results(out, results)
     heldout, pairs = held_out_data(config)
     states: dict = {}  # pooled states by encoder: init and stage 1 share theirs
@@ -88,10 +94,16 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
         # text scores of the model it started from: reuse them, score only the images
         same_text = next((scored["heads"] for scored in models.values()
                           if scored.get("text fingerprint") == fingerprint), None)
-        models[name] = {"text fingerprint": fingerprint,
+        models[name] = {"text fingerprint": fingerprint, **prompt_record(model),
                         "heads": score_student(model, tokenizer, config, heldout, pairs, same_text, states)}
         save_results(out, results)
     return results
+
+
+def prompt_record(model) -> dict:
+    """Which prompts a student was scored with (none: it trained on bare texts, so every benchmark text
+    goes in bare) and which its exports offer."""
+    return {"prompt": "", "exports offer": model.prompts}
 
 
 def score_text(model, tokenizer, config: PipelineConfig, heldout, states: dict | None = None) -> dict[str, dict]:

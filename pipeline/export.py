@@ -3,9 +3,20 @@
     Transformer (the student's text encoder + tokenizer) -> mean Pooling (prompt included)
         -> Dense (the chosen head: Linear(hidden, d), identity activation) -> Normalize
 
-It loads with `SentenceTransformer(folder)`: no remote code, no import of this project. Stella's
-query prompts are in its config (`encode(texts, prompt_name="s2p_query")`); documents take none.
-The full student, vision tower included, stays loadable with `JasperStudent.from_pretrained`.
+It loads with `SentenceTransformer(folder)`: no remote code, no import of this project. Its config
+offers exactly the prompts the student answers to (`JasperStudent.prompts`), and no others:
+
+- a student whose encoder came without prompts and that trained on bare texts (the demo's MiniLM,
+  the tiny preset) offers none: encode queries and documents as they are, `model.encode(texts)`;
+- a Stella-initialised student keeps Stella's own prompts, as read from its folder (the released
+  Jasper is used that way): queries `encode(queries, prompt_name="s2p_query")`, symmetric tasks
+  `prompt_name="s2s_query"`, documents bare.
+
+An instruction the student never met moves its vectors off what it learned: the demo's FC1 export
+with Stella's `s2p_query` on its Python-docs queries scores MRR XXMEASURE
+(benchmarks/README.md). No default prompt is set, whatever the encoder's own config said: the
+student trained on bare texts. The full student, vision tower included, stays loadable with
+`JasperStudent.from_pretrained`.
 """
 
 import copy
@@ -21,12 +32,6 @@ from transformers import AutoTokenizer
 from distill.model import JasperStudent
 from pipeline.config import PipelineError
 from pipeline.evaluate_run import student_checkpoints, student_max_length
-
-PROMPTS = {
-    "s2p_query": "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: ",
-    "s2s_query": "Instruct: Retrieve semantically similar text.\nQuery: ",
-}
-
 
 def head_for_dim(model: JasperStudent, dim: int) -> str:
     names = [name for name, head in model.heads.items() if head.out_features == dim]
@@ -64,7 +69,7 @@ def export_sentence_transformers(model: JasperStudent, tokenizer, dim: int, out:
         dense.linear.load_state_dict(head.state_dict())
         exported = SentenceTransformer(
             modules=[transformer, Pooling(hidden, "mean", include_prompt=True), dense, Normalize()],
-            prompts=PROMPTS, device="cpu",
+            prompts=model.prompts, device="cpu",
         )
         exported.save(str(staging))
     try:

@@ -40,6 +40,7 @@ def write_report(config, phase_times: dict) -> Path:
         f"Teachers: {', '.join(n.removeprefix('teacher ') for n in teachers) or 'not evaluated'}; "
         f"student heads: {config.train.student.head_dims}; stages run: {config.stages}.",
         "",
+        *prompts_paragraph(models, students),
         "## Phases (this launch)",
         "",
         "| phase | wall time |",
@@ -79,6 +80,23 @@ def write_report(config, phase_times: dict) -> Path:
     lines += ["## Plots", "", "![losses](plots/losses.png)", "", "![quality vs dimension](plots/quality_vs_dim.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
+
+
+def prompts_paragraph(models: dict, students: list[str]) -> list[str]:
+    """Which prompt each model was scored with, and which prompts the exports offer (eval.json's
+    "prompt" and "exports offer"; results scored before they were recorded were scored bare)."""
+    prompted = [f"{name} with {models[name]['prompt']!r} before every text" for name in models
+                if models[name].get("prompt")]
+    text = "Prompts: every model is scored on bare texts" + (f", except {'; '.join(prompted)}" if prompted else "")
+    offered = models[students[-1]].get("exports offer") if students else None
+    if offered == {}:
+        text += ". The exports offer no prompt, as the student learned none: encode queries and documents as they are."
+    elif offered:
+        text += (f". The exports offer the student's own prompts {', '.join(offered)}: "
+                 "`encode(texts, prompt_name=...)`.")
+    else:
+        text += "."
+    return [text, ""]
 
 
 def row(name: str, dim: int, scores: dict, keys) -> str:

@@ -39,6 +39,9 @@ STELLA_AUTO_MAP = {"AutoModel": "modeling_qwen.Qwen2Model", "AutoModelForCausalL
 NVEMBED_LATENT = {"model_type": "latent_attention", "num_latents_value": 16, "num_cross_heads": 8,
                   "hidden_dim": 32, "latent_dim": 32, "cross_dim_head": 8}
 STELLA_DENSE_DIMS = {"2_Dense_1024": 24, "2_Dense_8192": 8192}
+# Stella's two prompt names with wording of the look-alike's own: an export must take them from the folder
+STELLA_LOOKALIKE_PROMPTS = {"s2p_query": "Instruct: find the passage for this look-alike query.\nQuery: ",
+                            "s2s_query": "Instruct: find look-alike text like this.\nQuery: "}
 
 
 def _save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
@@ -205,6 +208,8 @@ def save_stella_lookalike(folder: Path, seed: int = 0) -> Path:
         "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
     _sentence_transformers_files(folder, 32, dense="2_Dense_1024", include_prompt=True)
+    _write_json(folder / "config_sentence_transformers.json", {"prompts": STELLA_LOOKALIKE_PROMPTS,
+                                                                "default_prompt_name": None})
     generator = torch.Generator().manual_seed(seed + 1)
     for name, out in STELLA_DENSE_DIMS.items():
         _write_json(folder / name / "config.json", {"in_features": 32, "out_features": out, "bias": True,

@@ -31,3 +31,20 @@ def test_quick_benchmarks_write_every_row(tmp_path):
     assert (tmp_path / "results.md").read_text().startswith("| what | ours |")
     # the full-size models built from the project's configs have exactly the hub checkpoints' sizes
     assert all(row["met"] for row in results["rows"] if "parameters x" in row["what"])
+
+
+@pytest.mark.slow
+def test_export_prompts_scores_bare_queries_against_instructed_ones(tmp_path):
+    from tiny_models import tiny_student
+
+    from benchmarks.export_prompts import measure
+    from pipeline.export import export_sentence_transformers
+
+    model, tokenizer = tiny_student("bert", tmp_path)
+    folder = export_sentence_transformers(model, tokenizer, dim=24, out=tmp_path / "export")
+    same = measure(folder, prompt="")  # no instruction: both sides are the bare run, exactly
+    assert [row.what.split(",")[0] for row in same] == ["Python-docs R@1", "Python-docs R@10", "Python-docs MRR",
+                                                       "WordNet R@1", "WordNet R@10", "WordNet MRR"]
+    assert all(row.ours == row.theirs for row in same) and "(± 0.0000)" in same[2].what
+    instructed = measure(folder, prompt="the cat sat on the mat ")
+    assert instructed[2].theirs == same[2].theirs and instructed[2].ours != same[2].ours

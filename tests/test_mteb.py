@@ -1,9 +1,12 @@
 """The mteb adapter: mteb evaluates a student head offline on a local STS task built from the shipped
-WordSim-353 pairs, and its Spearman equals the project's own evaluation of the same head and prompt."""
+WordSim-353 pairs, and its Spearman equals the project's own evaluation of the same head; each side of
+a task gets exactly the prompt the student's record gives it, and none when it has none."""
 
 import mteb
+import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
+from lookalikes import STELLA_LOOKALIKE_PROMPTS
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
@@ -12,7 +15,6 @@ from tiny_models import tiny_student
 from distill.pooled import head_vectors
 from pipeline.config import DATA
 from pipeline.evaluate import read_word_pairs, word_pair_spearman
-from pipeline.export import PROMPTS
 from pipeline.mteb_adapter import MTEBStudent
 
 WORDSIM = DATA / "eval" / "wordsim353.tsv"
@@ -49,21 +51,43 @@ def test_mteb_scores_a_head_as_the_project_does(student):
     result = mteb.evaluate(MTEBStudent(model, tokenizer, "fc2"), [LocalWordSim()], cache=None,
                            show_progress_bar=False)
     scores = result.task_results[0].scores["test"][0]
-    # STS is symmetric: Stella's s2s_query prompt on both sides
-    encode = lambda texts: head_vectors(model, tokenizer, [PROMPTS["s2s_query"] + t for t in texts])["fc2"]  # noqa: E731
+    # the student knows no prompt: STS texts go in bare
+    encode = lambda texts: head_vectors(model, tokenizer, texts)["fc2"]  # noqa: E731
     assert scores["cosine_spearman"] == pytest.approx(word_pair_spearman(encode, WORDSIM), abs=1e-6)
 
 
-def test_prompts_follow_stellas_convention(student):
+def encoded_strings(adapter, monkeypatch, task_type, prompt_type) -> list[str]:
+    """The strings the adapter hands the student for one mteb encode call."""
+    seen = []
+
+    def recording(model, tokenizer, texts, *args, **kwargs):
+        seen.extend(texts)
+        return {adapter.head: np.ones((len(texts), 4), dtype=np.float32)}
+
+    monkeypatch.setattr("pipeline.mteb_adapter.head_vectors", recording)
+    adapter.encode([{"text": ["red dog", "a cat"]}], task_metadata=metadata(f"Local{task_type}", task_type),
+                   hf_split="test", hf_subset="default", prompt_type=prompt_type)
+    return seen
+
+
+def test_a_student_without_prompts_gets_bare_texts_everywhere(student, monkeypatch):
     adapter = MTEBStudent(*student, head="fc4")
-    assert adapter.mteb_model_meta.embed_dim == 4
-
-    def prompt(task_type, prompt_type):
-        name = adapter.get_prompt_name(metadata(f"Local{task_type}", task_type), prompt_type)
-        return adapter.model_prompts.get(name, "") if name else ""
-
-    assert prompt("Retrieval", PromptType.query) == PROMPTS["s2p_query"]
-    assert prompt("Retrieval", PromptType.document) == ""
-    assert prompt("STS", None) == prompt("Clustering", None) == PROMPTS["s2s_query"]
+    assert adapter.mteb_model_meta.embed_dim == 4 and adapter.model_prompts == {}
+    for task_type, prompt_type in (("Retrieval", PromptType.query), ("Retrieval", PromptType.document),
+                                   ("STS", None), ("Clustering", None)):
+        assert encoded_strings(adapter, monkeypatch, task_type, prompt_type) == ["red dog", "a cat"]
     with pytest.raises(ValueError, match="no head 'fc9'"):
         MTEBStudent(*student, head="fc9")
+
+
+def test_a_student_with_stellas_prompts_follows_stellas_convention(tmp_path, monkeypatch):
+    model, tokenizer = tiny_student("bert", tmp_path)
+    model.config.encoder_prompts = dict(STELLA_LOOKALIKE_PROMPTS)  # as build_student records a Stella encoder's
+    model.config.trained_prompts = {"document": "passage: "}  # and one by mteb's own name
+    adapter = MTEBStudent(model, tokenizer, head="fc4")
+    query, similar = STELLA_LOOKALIKE_PROMPTS["s2p_query"], STELLA_LOOKALIKE_PROMPTS["s2s_query"]
+    assert encoded_strings(adapter, monkeypatch, "Retrieval", PromptType.query) == [query + "red dog", query + "a cat"]
+    assert encoded_strings(adapter, monkeypatch, "Retrieval", PromptType.document) == ["passage: red dog",
+                                                                                       "passage: a cat"]
+    for task_type in ("STS", "Clustering", "Classification"):
+        assert encoded_strings(adapter, monkeypatch, task_type, None) == [similar + "red dog", similar + "a cat"]

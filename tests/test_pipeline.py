@@ -100,9 +100,12 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
         assert exported.max_seq_length == config.evaluation.max_length == 128 != config.train.max_length
         unit = expected[head] / np.linalg.norm(expected[head], axis=1, keepdims=True)
         np.testing.assert_allclose(exported.encode(TEXTS), unit, atol=1e-5)
+        assert not any(exported.prompts.values())  # the tiny student learned no prompt: none offered
+    assert all(models[name]["prompt"] == "" and models[name]["exports offer"] == {} for name in STUDENTS)
 
     report = (out / "report.md").read_text()
-    for section in ("## Phases", "## Text benchmarks", "## Fidelity", "## Emoji", "plots/losses.png"):
+    for section in ("## Phases", "## Text benchmarks", "## Fidelity", "## Emoji", "plots/losses.png",
+                    "Prompts: every model is scored on bare texts. The exports offer no prompt"):
         assert section in report
     assert "| stage 4 | fc1 | 96 |" in report
     for plot in ("losses.png", "quality_vs_dim.png"):
@@ -212,7 +215,9 @@ def test_cli_show_config_export_and_errors(tiny_run, tmp_path):
                  "--set", "evaluation.benchmarks=false")
     assert scored.returncode == 0, scored.stderr
     expected = json.loads((out / "eval.json").read_text())["models"]["stage 1"]["heads"]["fc1"]["fidelity"]
-    assert json.loads(scored.stdout)["fc1"]["fidelity"] == pytest.approx(expected)
+    printed = json.loads(scored.stdout)
+    assert printed["heads"]["fc1"]["fidelity"] == pytest.approx(expected)
+    assert printed["prompt"] == "" and printed["exports offer"] == {}
     assert "emoji" in scored.stdout and "ranks" not in scored.stdout  # eval.json keeps each query's rank
 
 
@@ -238,3 +243,7 @@ def test_the_demo_preset_on_a_small_slice(tmp_path):
     fc1 = [models[name]["heads"]["fc1"]["fidelity"]["cosine"] for name in STUDENTS]
     assert fc1[1] > fc1[0], fc1  # two steps on FC1 already move it towards the targets
     assert sorted(p.name for p in (out / "export").glob("dim-*")) == ["dim-1152", "dim-128", "dim-256", "dim-512"]
+    # MiniLM came without prompts and the student trained on bare texts: no export offers an instruction
+    for folder in (out / "export").glob("dim-*"):
+        offered = json.loads((folder / "config_sentence_transformers.json").read_text())["prompts"]
+        assert not any(offered.values()), (folder, offered)

@@ -1,6 +1,6 @@
 """The report's comparison with the student's starting model as users run it."""
 
-from pipeline.report import BENCHMARKS, baseline_section
+from pipeline.report import BENCHMARKS, baseline_section, prompts_paragraph
 
 
 def scores(value: float) -> dict:
@@ -37,3 +37,17 @@ def test_a_retrieval_gain_comes_with_the_standard_error_of_its_per_query_differe
     # per-query differences 0, 1/2, 1/4, -1/2: mean 1/16, sample sd 0.42696, over sqrt(4)
     assert fc1.strip("| ").split(" | ")[BENCHMARKS.index("python-docs MRR") + 2] == "0.7500 (+0.0625 ± 0.2135)"
     assert "±" not in fc1.replace("(+0.0625 ± 0.2135)", "")  # only where both recorded their ranks
+
+
+def test_the_report_says_which_prompts_models_were_scored_with_and_exports_offer():
+    bare = {"teacher minilm": {"prompt": ""}, "stage 3": {"prompt": "", "exports offer": {}}}
+    assert prompts_paragraph(bare, ["stage 3"])[0] == (
+        "Prompts: every model is scored on bare texts. The exports offer no prompt, as the student learned none: "
+        "encode queries and documents as they are.")
+    stella = {"teacher nv": {"prompt": "Instruct: q\nQuery: "}, "stage 3": {"prompt": "",
+              "exports offer": {"s2p_query": "Instruct: p", "s2s_query": "Instruct: s"}}}
+    assert prompts_paragraph(stella, ["stage 3"])[0] == (
+        "Prompts: every model is scored on bare texts, except teacher nv with 'Instruct: q\\nQuery: ' before every "
+        "text. The exports offer the student's own prompts s2p_query, s2s_query: "
+        "`encode(texts, prompt_name=...)`.")
+    assert prompts_paragraph({"stage 3": {}}, ["stage 3"])[0] == "Prompts: every model is scored on bare texts."
