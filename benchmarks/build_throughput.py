@@ -18,9 +18,9 @@ import torch
 
 from benchmarks.table import Row, markdown
 from embed_cache.build import BuildSummary, ShardEncoder, ShardWriter
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
-from embed_cache.spec import PRESETS
-from embed_cache.store import TargetStore
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.spec import PRESETS
 
 CORPUS = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus"
 

@@ -33,8 +33,8 @@ from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model, S
 
 from benchmarks.resim import peak_resident_bytes
 from benchmarks.table import Row, markdown
-from embed_cache.native import set_attention
-from embed_cache.nvembed import FF_MULT, LATENT_DEFAULTS, LatentAttentionPooling
+from embed_cache.models.native import set_attention
+from embed_cache.models.nvembed import FF_MULT, LATENT_DEFAULTS, LatentAttentionPooling
 
 # From the hub repositories' config.json at the pinned revisions (README: teachers).
 NVEMBED_TEXT = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -94,7 +94,7 @@ def run_step(command: list[str], cwd: Path) -> tuple[float, float, str]:
 
 
 def measure_size(n_texts: int, root: Path, teacher: dict) -> dict[str, tuple[float, float]]:
-    from embed_cache.store import TargetStore
+    from embed_cache.store.target_store import TargetStore
 
     cli = [sys.executable, "-m", "embed_cache"]
     corpus, store = root / f"corpus-{n_texts}.txt", root / f"store-{n_texts}.zarr"

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
+from embed_cache.teachers.spec import TeacherSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}

@@ -22,8 +22,8 @@ import numpy as np
 
 from benchmarks.table import Row, markdown
 from distill.config import TrainConfig
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.spec import TeacherSpec
 
 SHAPES = {  # (rows, teacher dims): the demo's 1152 columns and the paper's 12288
     "demo 1152-d": (65_536, [768, 384]),

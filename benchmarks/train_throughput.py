@@ -32,10 +32,10 @@ from benchmarks.table import Row, markdown
 from distill.config import TrainConfig
 from distill.train import run
 from embed_cache.config import from_mapping
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
-from embed_cache.spec import PRESETS
-from embed_cache.store import TargetStore
-from embed_cache.teachers import model_location
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.loading import model_location
+from embed_cache.teachers.spec import PRESETS
 
 
 def demo_texts(rows: int) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.errors import DistillError
-from embed_cache.store import TargetStore
+from embed_cache.store.target_store import TargetStore
 
 Batch = dict[str, torch.Tensor]
 

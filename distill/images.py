@@ -8,7 +8,8 @@ image_size, rescale to [0, 1], normalize with mean 0.5 / std 0.5 (so pixels lie 
 
 Caption targets: in stage 4 the teacher is the frozen student's own text path (its text side
 does not train in stage 4). Its caption vectors are computed once and cached in a phase-1 target
-store (embed_cache prepare + write_shard/mark_done, looked up by caption hash with vectors_for).
+store (`embed_cache.corpus.prepare.prepare_texts`, then write_shard/mark_done; looked up by caption hash with
+vectors_for).
 The store has one "teacher" named `student` whose columns hold the heads side by side in head
 order (FC1 first): [fc1 | fc2 | fc3 | fc4]; each head's block is L2-normalised and scaled by
 1/sqrt(heads), so rows have norm 1 like every store row. (One teacher per head would not fit the
@@ -20,7 +21,6 @@ by another student is rebuilt, never reused.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +33,10 @@ from distill.data import BlockPlan, WindowedBatches
 from distill.errors import DistillError
 from distill.model import JasperStudent, image_inputs
 from distill.pooled import head_vectors
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus.prepare import prepare_texts
 from embed_cache.errors import CacheError
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.spec import TeacherSpec
 
 CAPTION_TEACHER = "student"
 SIGLIP_MEAN = SIGLIP_STD = 0.5
@@ -130,21 +130,14 @@ def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], 
             return
     except CacheError:
         pass  # absent, from another student, or unfinished: build it afresh
-    unique = list(dict.fromkeys(captions))
-    with tempfile.TemporaryDirectory(prefix="jasper-captions-") as tmp:
-        source = Path(tmp) / "captions.jsonl"
-        source.write_text("".join(json.dumps({"text": c}) + "\n" for c in unique), encoding="utf-8")
-        prepare(PrepareConfig(
-            sources=[SourceSpec(path=str(source))], teachers=[spec], total=len(unique), out=str(url),
-            augment=AugmentSpec.none(), overwrite=True,
-        ), log=lambda *_: None)
+    report = prepare_texts(captions, [spec], url)
     store = TargetStore.open(url, mode="r+", teacher=spec)
     scale = len(model.config.head_dims) ** -0.5
     for shard in tqdm(range(store.n_shards), desc="caption targets", unit="shard"):
         heads = head_vectors(model, tokenizer, store.read_texts(*store.shard_range(shard)), batch_size, max_length)
         vectors = np.concatenate([v / np.linalg.norm(v, axis=-1, keepdims=True) for v in heads.values()], axis=-1)
         store.mark_done(CAPTION_TEACHER, shard, store.write_shard(CAPTION_TEACHER, shard, vectors * scale))
-    log(f"cached caption targets of {len(unique)} captions in {url}")
+    log(f"cached caption targets of {report['rows']} captions in {url}")
 
 
 def pair_plan(pairs: list[Pair], batch_size: int, seed: int, rank: int, world: int) -> BlockPlan:

@@ -38,9 +38,15 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 
 from distill.errors import DistillError
-from embed_cache.native import apply_saved_attention, load_tokenizer, mean_pool, native_architecture, set_attention
-from embed_cache.stella import STELLA_ATTENTION, STELLA_EOS, load_stella_backbone
-from embed_cache.teachers import model_metadata, model_prompts, native_folder
+from embed_cache.models.hub import model_metadata, model_prompts, native_folder
+from embed_cache.models.native import (
+    apply_saved_attention,
+    load_tokenizer,
+    mean_pool,
+    native_architecture,
+    set_attention,
+)
+from embed_cache.models.stella import STELLA_ATTENTION, STELLA_EOS, load_stella_backbone
 
 PAPER_HEAD_DIMS = (12288, 1024, 512, 256)
 DEMO_HEAD_DIMS = (1152, 512, 256, 128)
@@ -354,7 +360,7 @@ def load_text_encoder(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The student's text encoder and tokenizer, dispatched on the folder's config.json.
 
-    Stella's layout loads natively (``embed_cache.stella``: strict keys, its attention mode and EOS
+    Stella's layout loads natively (``embed_cache.models.stella``: strict keys, its attention mode and EOS
     handling), so the student starts from exactly the Stella teacher's pooled state; its repository
     code never runs. Any other model goes through ``AutoModel``; one that ships code (``auto_map``)
     needs ``trust_remote_code``, because without it transformers would silently build its stock class.

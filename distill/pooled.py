@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from distill.model import JasperStudent
-from embed_cache.store import TargetStore
+from embed_cache.store.target_store import TargetStore
 
 
 @torch.no_grad()

@@ -51,8 +51,8 @@ from distill.pooled import PooledRows, pooled_states
 from distill.stages import STAGES, StageSpec, stage_loss
 from embed_cache.config import check_name, check_written_path
 from embed_cache.files import write_atomic
-from embed_cache.store import TargetStore
-from embed_cache.teachers import local_model
+from embed_cache.models.hub import local_model
+from embed_cache.store.target_store import TargetStore
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 LOG_FILE = "log.jsonl"

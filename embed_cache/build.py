@@ -22,15 +22,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .api import ApiSettings
-from .api_teacher import ApiShardEncoder, Estimate
-from .config import BATCH_TOKENS
-from .errors import CacheError
-from .journal import Journal
-from .lock import BuildLock
-from .spec import TeacherSpec
-from .store import TargetStore
-from .teachers import autocast_dtype, load_teacher, prepare_texts
+from embed_cache.api.client import ApiSettings
+from embed_cache.api.journal import Journal
+from embed_cache.api.teacher import ApiShardEncoder, Estimate
+from embed_cache.config import BATCH_TOKENS
+from embed_cache.errors import CacheError
+from embed_cache.store.lock import BuildLock
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.loading import autocast_dtype, load_teacher, prepare_texts
+from embed_cache.teachers.spec import TeacherSpec
 
 
 @dataclass

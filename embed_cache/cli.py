@@ -13,10 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .api import ApiSettings
-from .config import BATCH_TOKENS, from_mapping, layered_mapping
-from .errors import CacheError, run_cli
-from .spec import resolve_teacher
+from embed_cache.api.client import ApiSettings
+from embed_cache.config import BATCH_TOKENS, from_mapping, layered_mapping
+from embed_cache.errors import CacheError, run_cli
+from embed_cache.teachers.spec import resolve_teacher
 
 app = typer.Typer(
     help="Phase 1 of Jasper distillation: teacher targets in a Zarr store keyed by text hash.",
@@ -44,7 +44,7 @@ def prepare_command(
     overrides: list[str] = SET,
 ):
     """Read, mix, augment, deduplicate and shuffle the corpus; write keys and texts to a new store."""
-    from .corpus import PrepareConfig, prepare
+    from embed_cache.corpus.prepare import PrepareConfig, prepare
 
     flags = {"out": out, "total": total, "seed": seed, "shard_rows": shard_rows, "chunk_rows": chunk_rows,
              "overwrite": overwrite or None}
@@ -94,7 +94,7 @@ def build_command(
     overrides: list[str] = SET,
 ):
     """Run one teacher over every pending shard; rerun to resume. Works under torchrun/accelerate launch."""
-    from .build import build
+    from embed_cache.build import build
 
     settings = build_settings(config, overrides, store=store, teacher=teacher, dim=dim, batch_tokens=batch_tokens,
                               device=device)
@@ -120,8 +120,8 @@ def estimate_command(
     overrides: list[str] = SET,
 ):
     """Texts, tokens, requests and cost of building an API teacher's pending shards; spends nothing."""
-    from .build import check_estimate
-    from .store import TargetStore
+    from embed_cache.build import check_estimate
+    from embed_cache.store.target_store import TargetStore
 
     settings = build_settings(config, overrides, store=store, teacher=teacher)
     name, expected = settings.expected_teacher()
@@ -137,7 +137,7 @@ def status_command(store_url: str = typer.Argument(..., metavar="STORE", help="S
     """Table of teachers x shards done, rows, bytes and which shards are pending."""
     import numpy as np
 
-    from .store import TargetStore
+    from embed_cache.store.target_store import TargetStore
 
     store = TargetStore.open(store_url)
     table = Table(title=f"{store_url}: {store.n_rows:,} rows x {store.dim} dims, {store.n_shards} shards of {store.shard_rows}")
@@ -170,8 +170,8 @@ def verify_command(
     seed: int = typer.Option(0, help="Seed of the --sample draw."),
 ):
     """Re-read the store: lengths, key<->text hashes, index, chunk checksums, digests, norms."""
-    from .store import TargetStore
-    from .verify import invalidate, verify_store
+    from embed_cache.store.target_store import TargetStore
+    from embed_cache.store.verify import invalidate, verify_store
 
     store = TargetStore.open(store_url, mode="r+" if invalidate_bad else "r")
     report = verify_store(store, sample=_fraction(sample), seed=seed)
@@ -219,8 +219,8 @@ def lookup_command(
     """
     import numpy as np
 
-    from .hashing import text_keys
-    from .store import TargetStore
+    from embed_cache.store.hashing import text_keys
+    from embed_cache.store.target_store import TargetStore
 
     if (text is None) == (file is None):
         raise typer.BadParameter("give either one TEXT or --file FILE.")

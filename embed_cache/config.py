@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .errors import JasperError
+from embed_cache.errors import JasperError
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import TrainConfig
-from embed_cache.api import ApiSettings
+from embed_cache.api.client import ApiSettings
 from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping, without_credentials
-from embed_cache.corpus import PrepareConfig
+from embed_cache.corpus.prepare import PrepareConfig
 from embed_cache.errors import JasperError
 
 
@@ -65,7 +65,7 @@ class EvalSettings:
 class BuildSettings:
     batch_tokens: int = BATCH_TOKENS
     device: str | None = None
-    api: ApiSettings = field(default_factory=ApiSettings)  # API teachers (embed_cache.api)
+    api: ApiSettings = field(default_factory=ApiSettings)  # API teachers (embed_cache.api.client)
 
 
 @dataclass

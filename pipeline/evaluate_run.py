@@ -37,9 +37,9 @@ from distill.images import load_pairs, text_fingerprint
 from distill.model import JasperStudent
 from distill.train import FINAL_DIR, initial_student, stage_dir
 from embed_cache.files import write_atomic
-from embed_cache.spec import resolve_teacher
-from embed_cache.store import TargetStore
-from embed_cache.teachers import load_teacher, prepare_texts
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.loading import load_teacher, prepare_texts
+from embed_cache.teachers.spec import resolve_teacher
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import StudentHeads, fidelity, image_caption_retrieval, text_benchmarks
 

@@ -33,6 +33,7 @@ from distill.model import JasperStudent
 from pipeline.config import PipelineError
 from pipeline.evaluate_run import student_checkpoints, student_max_length
 
+
 def head_for_dim(model: JasperStudent, dim: int) -> str:
     names = [name for name, head in model.heads.items() if head.out_features == dim]
     if not names:

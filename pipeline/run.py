@@ -35,11 +35,11 @@ from distill.images import load_pairs
 from distill.train import FINAL_DIR, stage_dir
 from distill.train import run as train_stage
 from embed_cache.build import build
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.files import write_atomic
-from embed_cache.spec import resolve_teacher
-from embed_cache.store import TargetStore, open_zarr_store, store_exists
+from embed_cache.store.target_store import TargetStore, open_zarr_store, store_exists
+from embed_cache.teachers.spec import resolve_teacher
 from pipeline.config import TINY_MODELS, PipelineConfig, PipelineError
 from pipeline.evaluate_run import EMOJI_HELDOUT, EMOJI_TRAIN, HELDOUT_STORE, evaluate_run
 from pipeline.export import export_final, exports_current

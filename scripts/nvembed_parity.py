@@ -113,8 +113,8 @@ def check(model: Path, reference_file: Path, min_cosine: float = 0.9999) -> floa
 
     import numpy as np
 
-    from embed_cache.spec import PRESETS
-    from embed_cache.teachers import load_teacher, prepare_texts
+    from embed_cache.teachers.loading import load_teacher, prepare_texts
+    from embed_cache.teachers.spec import PRESETS
 
     expected = json.loads(reference_file.read_text(encoding="utf-8"))
     worst = 1.0

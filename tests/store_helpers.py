@@ -3,9 +3,9 @@
 import numpy as np
 import yaml
 
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.spec import TeacherSpec
 
 TEACHERS = [
     TeacherSpec(name="big", model="local/big", dim=64),

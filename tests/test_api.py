@@ -15,14 +15,14 @@ from api_server import EmbeddingServer, fake_vector
 from store_helpers import prepared, quiet
 from train_helpers import SUBPROCESS_ENV
 
-from embed_cache import api as api_module
-from embed_cache.api import ApiClient, ApiError, ApiSettings, RateLimiter, request_batches, retry_after
+from embed_cache.api import client as api_module
+from embed_cache.api.client import ApiClient, ApiError, ApiSettings, RateLimiter, request_batches, retry_after
+from embed_cache.api.journal import Journal
 from embed_cache.build import build
 from embed_cache.errors import CacheError
-from embed_cache.journal import Journal
-from embed_cache.spec import resolve_teacher
-from embed_cache.store import TargetStore
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
+from embed_cache.teachers.spec import resolve_teacher
 
 KEY = "sk-test-key-that-must-never-be-written-4242"
 TEXTS = [f"Sentence {i}: the {'quick ' * (i % 4)}fox number {i * 13 % 101} jumps." for i in range(150)]
@@ -317,8 +317,8 @@ def test_soak_random_kills_re_pay_only_in_flight_requests_and_build_the_same_tar
 def test_an_openai_compatible_server_running_minilm_gives_the_local_minilm_teachers_targets(tmp_path, server):
     from sentence_transformers import SentenceTransformer
 
-    from embed_cache.spec import PRESETS
-    from embed_cache.teachers import model_location
+    from embed_cache.teachers.loading import model_location
+    from embed_cache.teachers.spec import PRESETS
 
     minilm = SentenceTransformer(model_location(PRESETS["minilm"]), device="cpu")
     server.compat_encoder = lambda texts: minilm.encode(texts, normalize_embeddings=True, batch_size=64)

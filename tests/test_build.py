@@ -19,10 +19,10 @@ from train_helpers import SUBPROCESS_ENV
 from benchmarks.soak import soak_build
 from embed_cache.build import ShardEncoder, build, token_budget_batches
 from embed_cache.errors import CacheError
-from embed_cache.spec import PRESETS, TeacherSpec
-from embed_cache.store import TargetStore
-from embed_cache.teachers import load_teacher, model_location
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
+from embed_cache.teachers.loading import load_teacher, model_location
+from embed_cache.teachers.spec import PRESETS, TeacherSpec
 from pipeline.tiny import save_teacher
 
 GLOSSES = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "corpus" / "wordnet_glosses.jsonl.gz"

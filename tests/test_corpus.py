@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from store_helpers import NO_AUGMENT, TEACHERS, fill, make_store, write_jsonl
 
-from embed_cache.corpus import (
+from embed_cache.corpus.prepare import (
     AugmentSpec,
     PrepareConfig,
     SourceReport,
@@ -18,8 +18,8 @@ from embed_cache.corpus import (
     split_sentences,
 )
 from embed_cache.errors import CacheError
-from embed_cache.hashing import text_keys
-from embed_cache.store import TargetStore
+from embed_cache.store.hashing import text_keys
+from embed_cache.store.target_store import TargetStore
 
 
 def run_prepare(tmp_path, sources, total, out="out.zarr", **kwargs):
@@ -147,10 +147,10 @@ def test_prepare_keeps_first_occurrences_in_numpys_row_order_however_it_is_stage
     """Out-of-core prepare: rounds of the duplicate check, buckets of rows and index chunks are
     memory bounds only; the store is the in-memory reference's, byte for byte."""
     if small:
-        monkeypatch.setattr("embed_cache.corpus.ROUND_TEXTS", 7)
-        monkeypatch.setattr("embed_cache.staging.BUCKET_BYTES", 3000)
-        monkeypatch.setattr("embed_cache.index.BUCKET_ROWS", 40)
-        monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 16)
+        monkeypatch.setattr("embed_cache.corpus.prepare.ROUND_TEXTS", 7)
+        monkeypatch.setattr("embed_cache.corpus.staging.BUCKET_BYTES", 3000)
+        monkeypatch.setattr("embed_cache.store.index.BUCKET_ROWS", 40)
+        monkeypatch.setattr("embed_cache.store.index.CHUNK_ROWS", 16)
     a = [f"text {i % 150}" for i in range(400)] + ["", "caf\u00e9", "cafe\u0301"]
     b = [f"text {i}" for i in range(100, 700)]  # 100-149 were kept from a already
     paths = [write_jsonl(tmp_path / "a.jsonl", a), write_jsonl(tmp_path / "b.jsonl", b)]

@@ -8,7 +8,7 @@ from train_helpers import word_store
 
 from distill.data import BatchStream, BlockPlan, StoreBatches, store_blocks, usable_shards
 from distill.errors import DistillError
-from embed_cache.store import TargetStore
+from embed_cache.store.target_store import TargetStore
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from embed_cache.spec import PRESETS
-from embed_cache.teachers import model_location
+from embed_cache.teachers.loading import model_location
+from embed_cache.teachers.spec import PRESETS
 from pipeline.evaluate import DATA, text_benchmarks, word_pair_spearman, wordnet_retrieval
 
 

@@ -3,7 +3,7 @@ import unicodedata
 import numpy as np
 import xxhash
 
-from embed_cache.hashing import normalize_text, text_key, text_keys
+from embed_cache.store.hashing import normalize_text, text_key, text_keys
 
 
 def test_key_is_xxh3_128_of_utf8_split_in_two_words():

@@ -24,12 +24,12 @@ from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model
 
 from distill.errors import DistillError
 from distill.model import JasperStudent, build_student, image_inputs
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
-from embed_cache.native import mean_pool
-from embed_cache.spec import PRESETS, TeacherSpec, resolve_teacher
-from embed_cache.store import TargetStore
-from embed_cache.teachers import load_teacher, prepare_texts
+from embed_cache.models.native import mean_pool
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.loading import load_teacher, prepare_texts
+from embed_cache.teachers.spec import PRESETS, TeacherSpec, resolve_teacher
 from scripts.nvembed_parity import check, folder_digest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nvembed_reference.json"

@@ -19,10 +19,10 @@ from distill.config import load_config
 from distill.model import JasperStudent
 from distill.pooled import head_vectors
 from embed_cache.config import from_mapping, layered_mapping
-from embed_cache.corpus import PrepareConfig
+from embed_cache.corpus.prepare import PrepareConfig
 from embed_cache.errors import JasperError
-from embed_cache.store import TargetStore
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
 from pipeline.config import DATA, PipelineError, load_pipeline_config
 from pipeline.run import run_pipeline
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from embed_cache import provision
 from embed_cache.errors import CacheError
-from embed_cache.provision import MARKER, MODELS, default_cache_dir, provision_model
+from embed_cache.models import provision
+from embed_cache.models.provision import MARKER, MODELS, default_cache_dir, provision_model
 
 MINILM = "all-MiniLM-L6-v2"
 # From shared/data/README.md, written out again so that a typo in MODELS cannot hide.

@@ -13,9 +13,9 @@ from store_helpers import TEACHERS, fill, make_store
 
 from embed_cache.build import build
 from embed_cache.errors import CacheError
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
+from embed_cache.teachers.spec import TeacherSpec
 from pipeline.tiny import save_teacher
 
 # Non-AWS S3 servers do not all speak botocore's newer default checksums; asking for them only

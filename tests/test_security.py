@@ -5,7 +5,7 @@ from store_helpers import NO_AUGMENT, TEACHERS, write_jsonl
 
 from distill.config import TrainConfig
 from distill.train import run_dir
-from embed_cache.corpus import PrepareConfig, SourceSpec, prepare
+from embed_cache.corpus.prepare import PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import JasperError
 from pipeline.config import load_pipeline_config
 

@@ -5,9 +5,9 @@ import pytest
 import zarr
 
 from embed_cache.errors import CacheError
-from embed_cache.shards import ShardFiles
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import TargetStore
+from embed_cache.store.shards import ShardFiles
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.spec import TeacherSpec
 
 TEACHERS = [TeacherSpec(name="a", model="m", dim=64), TeacherSpec(name="b", model="m", dim=32)]
 ROWS = 100  # 2 shards of 64 rows, the second partial and ending inside a chunk

@@ -16,9 +16,9 @@ from distill.errors import DistillError
 from distill.images import CAPTION_TEACHER, Pair, build_caption_targets, load_pairs
 from distill.model import JasperStudent, build_student
 from distill.train import run
-from embed_cache.spec import PRESETS
-from embed_cache.store import TargetStore
-from embed_cache.teachers import model_location
+from embed_cache.store.target_store import TargetStore
+from embed_cache.teachers.loading import model_location
+from embed_cache.teachers.spec import PRESETS
 from pipeline.evaluate import image_caption_retrieval
 
 EMOJI = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "emoji"  # shipped with the demo

@@ -6,10 +6,10 @@ import zarr
 from store_helpers import TEACHERS, fake_vectors, fill, make_store
 
 from embed_cache.errors import CacheError
-from embed_cache.hashing import text_keys
-from embed_cache.index import IndexReader, build_index
-from embed_cache.spec import TeacherSpec
-from embed_cache.store import FORMAT_VERSION, TargetStore, column_block
+from embed_cache.store.hashing import text_keys
+from embed_cache.store.index import IndexReader, build_index
+from embed_cache.store.target_store import FORMAT_VERSION, TargetStore, column_block
+from embed_cache.teachers.spec import TeacherSpec
 
 
 def test_layout_aligns_chunks_to_teacher_columns(tmp_path):
@@ -77,7 +77,7 @@ def test_lookup_by_text(tmp_path):
 
 
 def test_a_lookup_reads_the_fences_and_one_chunk_of_the_index(tmp_path, monkeypatch):
-    monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 16)
+    monkeypatch.setattr("embed_cache.store.index.CHUNK_ROWS", 16)
     make_store(tmp_path, n=300)
     store = TargetStore.open(tmp_path / "store.zarr")
     texts = store.read_texts(0, store.n_rows)
@@ -99,7 +99,7 @@ def test_a_lookup_reads_the_fences_and_one_chunk_of_the_index(tmp_path, monkeypa
 
 
 def test_keys_whose_high_word_repeats_across_an_index_chunk_boundary_are_found(monkeypatch):
-    monkeypatch.setattr("embed_cache.index.CHUNK_ROWS", 4)
+    monkeypatch.setattr("embed_cache.store.index.CHUNK_ROWS", 4)
     highs = np.array([1, 2, 3, 5, 5, 5, 5, 5, 5, 8, 9], dtype=np.uint64)  # 5 spans chunks 0-2
     keys = np.stack([highs, np.arange(11, dtype=np.uint64)[::-1].copy()], axis=1)
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")

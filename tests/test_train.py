@@ -19,7 +19,7 @@ from store_helpers import fake_vectors, fill
 from train_helpers import SUBPROCESS_ENV, TARGET_DIM, config_file, student_settings, word_store
 from transformers import AutoTokenizer, SiglipVisionConfig
 
-import embed_cache.teachers
+import embed_cache.teachers.loading
 from benchmarks.soak import FORCED, soak_train
 from distill import checkpoint
 from distill.config import TrainConfig, load_config, resume_differences
@@ -62,7 +62,7 @@ def test_stages_1_to_3_overfit_a_fixed_batch_and_train_only_their_parameters(tmp
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher model was constructed during stages 1-3")
 
-    monkeypatch.setattr(embed_cache.teachers, "load_teacher", no_teacher)
+    monkeypatch.setattr(embed_cache.teachers.loading, "load_teacher", no_teacher)
     monkeypatch.setattr("sentence_transformers.SentenceTransformer.__init__", no_teacher)
     store = word_store(tmp_path / "store", n=16, shard_rows=16, chunk_rows=16)  # one batch: every step sees it
     config = config_file(tmp_path, store.url, steps=10, batch=16)
@@ -300,9 +300,9 @@ def test_training_beside_a_running_build_reads_only_shards_every_teacher_finishe
     from store_helpers import write_jsonl
     from train_helpers import word_texts
 
-    from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
-    from embed_cache.spec import TeacherSpec
-    from embed_cache.store import TargetStore
+    from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
+    from embed_cache.store.target_store import TargetStore
+    from embed_cache.teachers.spec import TeacherSpec
     from pipeline.tiny import save_teacher
 
     big = TeacherSpec(name="big", model=str(save_teacher(tmp_path / "big", seed=1, out_dim=64)), dim=64)

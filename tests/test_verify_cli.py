@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from embed_cache.cli import app
 from embed_cache.errors import CacheError, JasperError
-from embed_cache.store import TargetStore
-from embed_cache.verify import verify_store
+from embed_cache.store.target_store import TargetStore
+from embed_cache.store.verify import verify_store
 
 runner = CliRunner()
 
@@ -134,7 +134,7 @@ def test_an_index_that_disagrees_with_the_keys_is_named_by_the_full_and_the_samp
     rows[:] = swapped
     report = verify_store(complete_store, progress=False)
     assert "lookup index does not match `keys`: lookups by text would be wrong." in report.problems
-    monkeypatch.setattr("embed_cache.verify.SAMPLED_LOOKUP_STRIDE", 1)  # every key of every shard
+    monkeypatch.setattr("embed_cache.store.verify.SAMPLED_LOOKUP_STRIDE", 1)  # every key of every shard
     everywhere = verify_store(complete_store, progress=False, sample=1.0)
     assert any("keys of shard" in problem and "look up to another row" in problem for problem in everywhere.problems)
 

@@ -7,8 +7,8 @@ import numpy as np
 from store_helpers import TEACHERS, fill, write_config, write_jsonl
 from tiny_models import WORDS, save_text_encoder, tiny_tokenizer, tiny_vision_config
 
-from embed_cache.corpus import AugmentSpec, PrepareConfig, SourceSpec, prepare
-from embed_cache.store import TargetStore
+from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
+from embed_cache.store.target_store import TargetStore
 
 TARGET_DIM = sum(t.dim for t in TEACHERS)  # 96: FC1 learns the whole target
 HEAD_DIMS = [TARGET_DIM, 16, 8, 4]

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .api import ApiClient, ApiSettings, TokenCounter, request_batches
-from .errors import CacheError
-from .journal import Journal
-from .providers import PROVIDERS
-from .spec import TeacherSpec
+from embed_cache.api.client import ApiClient, ApiSettings, TokenCounter, request_batches
+from embed_cache.api.journal import Journal
+from embed_cache.errors import CacheError
+from embed_cache.teachers.providers import PROVIDERS
+from embed_cache.teachers.spec import TeacherSpec
 
 
 @dataclass

@@ -20,8 +20,8 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import CacheError
-from .files import write_atomic
+from embed_cache.errors import CacheError
+from embed_cache.files import write_atomic
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0

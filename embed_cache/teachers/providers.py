@@ -1,7 +1,7 @@
 """Embedding APIs as teachers: what each provider's endpoint takes and returns, and its limits.
 
 Plain data and two pure functions per provider (the request body for a list of texts, and the
-vectors out of a response), so the HTTP client (`embed_cache.api`) is one piece of code for all of
+vectors out of a response), so the HTTP client (`embed_cache.api.client`) is one piece of code for all of
 them: one retry policy, one rate limit, one journal of what was paid for.
 
     provider           endpoint                       texts/request  tokens/request  key from

@@ -2,8 +2,8 @@
 
 NV-Embed-v2 and stella_en_1.5B_v5 ship repository code written for transformers 4.4x that cannot
 run on transformers 5 (and without it, ``AutoModel`` silently builds a stock *causal* model). The
-project implements both on transformers' own decoder modules (``embed_cache.nvembed``,
-``embed_cache.stella``) and picks that path from the folder's ``config.json``, never from a preset
+project implements both on transformers' own decoder modules (``embed_cache.models.nvembed``,
+``embed_cache.models.stella``) and picks that path from the folder's ``config.json``, never from a preset
 name, so a local copy or mirror of either model takes it too. Their repository code never runs.
 
 A native encoder answers the same calls the build makes on a SentenceTransformer: ``tokenizer``,
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CacheError
-from .spec import ATTENTION_MODES
+from embed_cache.errors import CacheError
+from embed_cache.models.modes import ATTENTION_MODES
 
 if TYPE_CHECKING:  # transformers is imported where a model is built: the CLIs start fast without it
     from transformers import PreTrainedModel, PreTrainedTokenizerFast

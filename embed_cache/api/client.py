@@ -5,7 +5,7 @@ One HTTP client (requests) for every provider rather than the openai / cohere / 
 each SDK retries on its own schedule, raises its own exceptions and hides which requests were sent,
 while here one policy must decide all three (the same backoff, the same Retry-After handling, the
 same journal of what was answered), and the three endpoints are each one JSON POST
-(`embed_cache.providers`). It also keeps three optional dependencies, and their version churn, out
+(`embed_cache.teachers.providers`). It also keeps three optional dependencies, and their version churn, out
 of the project.
 
 Retries: 408, 409, 429 and 5xx answers, timeouts and dropped connections are retried up to
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from .errors import CacheError
-from .providers import PROVIDERS, Provider
-from .spec import TeacherSpec
+from embed_cache.errors import CacheError
+from embed_cache.teachers.providers import PROVIDERS, Provider
+from embed_cache.teachers.spec import TeacherSpec
 
 RETRY_STATUS = {408, 409, 429}
 
@@ -54,7 +54,7 @@ class ApiSettings:
     max_backoff: float = 60.0
     max_texts_per_request: int | None = None  # default: the provider's limit
     max_tokens_per_request: int | None = None
-    price_per_million_tokens: float | None = None  # USD; default: embed_cache.providers' list price
+    price_per_million_tokens: float | None = None  # USD; default: embed_cache.teachers.providers' list price
     max_cost: float | None = None  # USD: refuse to start a build estimated to cost more
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ Steps, in order (every random draw comes from `seed`, so a prepare is reproducib
 4. Assign rows by a seeded permutation, so any contiguous run of rows is a random sample, and
    write `keys` and `text` shard by shard.
 
-Everything that grows with the corpus lives in a temporary folder (embed_cache.staging), so memory
+Everything that grows with the corpus lives in a temporary folder (embed_cache.corpus.staging), so memory
 stays flat from thousands to a hundred million texts.
 """
 
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .config import check_written_path
-from .errors import CacheError
-from .spec import resolve_teacher
-from .staging import ROUND_TEXTS, Candidates, row_order, write_rows
-from .store import TargetStore, check_can_write_new_store
+from embed_cache.config import check_written_path
+from embed_cache.corpus.staging import ROUND_TEXTS, Candidates, row_order, write_rows
+from embed_cache.errors import CacheError
+from embed_cache.store.target_store import TargetStore, check_can_write_new_store
+from embed_cache.teachers.spec import resolve_teacher
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt", ".cor": "txt"}
 # A sentence ends at . ! ? (or their CJK forms), optionally followed by closing quotes/brackets.
@@ -302,7 +302,7 @@ def candidate_texts(source: SourceSpec, spec: AugmentSpec, rng: np.random.Genera
 def prepare(config: PrepareConfig, log=print) -> dict:
     """Build a new store's keys and texts from `config`; returns the report it also stores.
 
-    Memory stays flat as `total` grows (embed_cache.staging); the temp folder holds about twice
+    Memory stays flat as `total` grows (embed_cache.corpus.staging); the temp folder holds about twice
     the corpus's text bytes while it runs.
     """
     if config.out is None:
@@ -359,3 +359,14 @@ def prepare(config: PrepareConfig, log=print) -> dict:
         }
         store.finish_prepare(report)
     return report
+
+
+def prepare_texts(texts: list[str], teachers: list, out: str | Path) -> dict:
+    """A new store at `out` (replacing any there) holding exactly `texts`, duplicates dropped, no
+    augmentation, rows shuffled as `prepare` shuffles them: a store of given texts (stage 4's captions)."""
+    unique = list(dict.fromkeys(texts))
+    with tempfile.TemporaryDirectory(prefix="jasper-texts-") as tmp:
+        source = Path(tmp) / "texts.jsonl"
+        source.write_text("".join(json.dumps({"text": text}) + "\n" for text in unique), encoding="utf-8")
+        return prepare(PrepareConfig(sources=[SourceSpec(path=str(source))], teachers=teachers, total=len(unique),
+                                     out=str(out), augment=AugmentSpec.none(), overwrite=True), log=lambda *_: None)

@@ -28,8 +28,9 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 from transformers.initialization import no_init_weights
 
-from .errors import CacheError
-from .native import (
+from embed_cache.errors import CacheError
+from embed_cache.models.modes import STELLA_ATTENTION, STELLA_EOS
+from embed_cache.models.native import (
     NativeEncoder,
     default_dtype,
     dense_folders,
@@ -39,8 +40,7 @@ from .native import (
     read_modules,
     set_attention,
 )
-from .spec import STELLA_ATTENTION, STELLA_EOS
-from .weights import load_modules_strict, read_checkpoint
+from embed_cache.models.weights import load_modules_strict, read_checkpoint
 
 
 def load_stella_backbone(folder: str | Path, attention: str = STELLA_ATTENTION,

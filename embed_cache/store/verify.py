@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .hashing import text_keys
-from .index import IndexReader
-from .store import TargetStore, TeacherColumns, block_digest
+from embed_cache.store.hashing import text_keys
+from embed_cache.store.index import IndexReader
+from embed_cache.store.target_store import TargetStore, TeacherColumns, block_digest
 
 # fp16 keeps 11 significant bits; a 1e-3 relative slack on a norm is ~2 ulps.
 NORM_TOLERANCE = 2e-3

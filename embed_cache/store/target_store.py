@@ -8,7 +8,7 @@ Layout (all paths relative, so a store can be copied, mounted elsewhere or read 
     text     (N,)   str     the exact text every teacher embeds
     targets  (N, D) float16 teacher t owns columns [start, stop); D = sum of teacher dims
     index/keys (N, 2), index/rows (N,)   keys sorted, and the row each came from (lookup)
-    index/fences (C,)                    first high word of each index chunk (embed_cache.index)
+    index/fences (C,)                    first high word of each index chunk (embed_cache.store.index)
     done/<teacher> (S, 2) uint64         per shard: [rows written, xxh3-64 of the bytes written]
 
 `targets` is sharded: a Zarr shard is (shard_rows x column_block) and is the unit a writer writes
@@ -32,11 +32,11 @@ import zarr.codecs
 import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
 
-from .errors import CacheError
-from .hashing import HASH_ALGORITHM, text_keys
-from .index import IndexReader, build_index
-from .shards import ShardFiles
-from .spec import TeacherSpec
+from embed_cache.errors import CacheError
+from embed_cache.store.hashing import HASH_ALGORITHM, text_keys
+from embed_cache.store.index import IndexReader, build_index
+from embed_cache.store.shards import ShardFiles
+from embed_cache.teachers.spec import TeacherSpec
 
 FORMAT_VERSION = 1
 NORMALISATION = "row = concat_t(normalize(v_t) / sqrt(k)) for k teachers; complete rows have norm 1"
@@ -393,7 +393,7 @@ class TargetStore:
         return self.rows_of_keys(text_keys(texts))
 
     def rows_of_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each (high, low) key (embed_cache.hashing.text_keys), -1 where absent."""
+        """Row of each (high, low) key (embed_cache.store.hashing.text_keys), -1 where absent."""
         return self._index.rows_of(keys)
 
     def vectors_for(self, texts: list[str]) -> np.ndarray:

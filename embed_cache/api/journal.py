@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
-from .files import write_atomic
+from embed_cache.files import write_atomic
 
 _ENTRY = re.compile(r"(\d+)-(\d+)-([0-9a-f]{16})\.npy$")
 

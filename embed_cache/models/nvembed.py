@@ -28,9 +28,16 @@ from torch import nn
 from transformers import MistralConfig, MistralModel
 from transformers.initialization import no_init_weights
 
-from .errors import CacheError
-from .native import NativeEncoder, default_dtype, load_tokenizer, mean_pool, read_config, set_attention
-from .weights import load_modules_strict, read_checkpoint
+from embed_cache.errors import CacheError
+from embed_cache.models.native import (
+    NativeEncoder,
+    default_dtype,
+    load_tokenizer,
+    mean_pool,
+    read_config,
+    set_attention,
+)
+from embed_cache.models.weights import load_modules_strict, read_checkpoint
 
 # configuration_nvembed.LatentAttentionConfig's defaults: NV-Embed-v2's config.json gives only
 # {"model_type": "latent_attention"}, so these are its values.
