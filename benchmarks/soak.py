@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.stage_folder import StageFolder
 from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
 from embed_cache.store.target_store import TargetStore
@@ -126,8 +127,8 @@ KILL_AT = (
     "window = sys.argv.pop(1)\n"
     "if window == 'before the first checkpoint':  # the first save of the stage, before it writes\n"
     "    save = checkpoint.save\n"
-    "    checkpoint.save = lambda accelerator, stage_dir, *a: die() if checkpoint.latest(stage_dir) is None \\\n"
-    "        else save(accelerator, stage_dir, *a)\n"
+    "    checkpoint.save = lambda accelerator, folder, *a: die() if checkpoint.latest(folder) is None \\\n"
+    "        else save(accelerator, folder, *a)\n"
     "if window == 'inside a checkpoint write':  # accelerate's files saved, the state file not yet\n"
     "    manifest = checkpoint.manifest\n"
     "    checkpoint.manifest = lambda folder: die()\n"
@@ -146,14 +147,13 @@ BETWEEN = "between checkpoints"
 STAGES = (1, 4)  # stage 1 from the store's targets; stage 4 from stage 1's final (its caption targets)
 
 
-def logged_steps(stage_dir: Path) -> int:
-    log = stage_dir / "log.jsonl"
-    return log.read_text(encoding="utf-8").count("\n") if log.exists() else 0
+def logged_steps(folder: StageFolder) -> int:
+    return folder.log.read_text(encoding="utf-8").count("\n") if folder.log.exists() else 0
 
 
-def losses(stage_dir: Path) -> list[dict]:
+def losses(folder: StageFolder) -> list[dict]:
     """The loss log without its one wall-clock field (samples/s)."""
-    records = map(json.loads, (stage_dir / "log.jsonl").read_text(encoding="utf-8").splitlines())
+    records = map(json.loads, folder.log.read_text(encoding="utf-8").splitlines())
     return [{key: value for key, value in record.items() if key != "samples_per_s"} for record in records]
 
 
@@ -172,57 +172,53 @@ def tiny_images(folder: Path, n: int = 24) -> str:
     return str(folder)
 
 
-def captions_complete(stage_dir: Path) -> bool:
+def captions_complete(folder: StageFolder) -> bool:
     from distill.images import CAPTION_TEACHER
-    from distill.train import CAPTION_STORE
 
     try:
-        return not TargetStore.open(stage_dir / CAPTION_STORE).pending_shards(CAPTION_TEACHER)
+        return not TargetStore.open(folder.caption_store).pending_shards(CAPTION_TEACHER)
     except CacheError:  # absent, or killed inside its prepare
         return False
 
 
-def leftovers(stage_dir: Path, stage: int) -> dict[str, int]:
+def leftovers(folder: StageFolder, stage: int) -> dict[Path, int]:
     """What an interrupted write leaves behind, with its mtime: temp folders of the final save and of
     checkpoints, an unfinished caption-target store."""
-    from distill.train import CAPTION_STORE
-
-    found = [stage_dir / ".tmp-final", *(stage_dir / "checkpoints").glob(".tmp-*")]
-    if stage == 4 and not captions_complete(stage_dir):
-        found.append(stage_dir / CAPTION_STORE)
-    return {path.name: path.stat().st_mtime_ns for path in found if path.exists()}
+    found = [folder.final_staging, *folder.checkpoints.glob(".tmp-*")]
+    if stage == 4 and not captions_complete(folder):
+        found.append(folder.caption_store)
+    return {path: path.stat().st_mtime_ns for path in found if path.exists()}
 
 
-def window_left(stage_dir: Path, stage: int, before: dict[str, int]) -> str:
+def window_left(folder: StageFolder, stage: int, before: dict[Path, int]) -> str:
     """Which window a kill landed in, from what it left behind that was not there `before`."""
     from distill import checkpoint
-    from distill.train import CAPTION_STORE
 
-    new = {name for name, stamp in leftovers(stage_dir, stage).items() if before.get(name) != stamp}
-    if ".tmp-final" in new:
+    new = {path for path, stamp in leftovers(folder, stage).items() if before.get(path) != stamp}
+    if folder.final_staging in new:
         return "inside the final save"
-    if any(name.startswith(".tmp-") for name in new):
+    if any(path.parent == folder.checkpoints for path in new):
         return "inside a checkpoint write"
-    if CAPTION_STORE in new:
+    if folder.caption_store in new:
         return "during the caption-target build"
-    return "before the first checkpoint" if checkpoint.latest(stage_dir) is None else BETWEEN
+    return "before the first checkpoint" if checkpoint.latest(folder.checkpoints) is None else BETWEEN
 
 
-def window_ahead(window: str, stage_dir: Path, stage: int, steps: int) -> bool:
+def window_ahead(window: str, folder: StageFolder, stage: int, steps: int) -> bool:
     """Whether the next attempt at this stage passes through `window`."""
     from distill import checkpoint
 
-    newest = checkpoint.latest(stage_dir)
+    newest = checkpoint.latest(folder.checkpoints)
     if window == "before the first checkpoint":
         return newest is None
     if window == "inside a checkpoint write":
         return newest is None or checkpoint.read_state(newest)["step"] < steps
     if window == "during the caption-target build":
-        return stage == 4 and not captions_complete(stage_dir)
+        return stage == 4 and not captions_complete(folder)
     return True  # the final save
 
 
-def differences(expected: Path, resumed: Path, stage: int) -> list[str]:
+def differences(expected: StageFolder, resumed: StageFolder, stage: int) -> list[str]:
     """What differs between an uninterrupted stage and a resumed one: log lines, weight tensors, the
     final checkpoint's files (by their recorded digests)."""
     from safetensors.torch import load_file
@@ -234,10 +230,10 @@ def differences(expected: Path, resumed: Path, stage: int) -> list[str]:
     if want != got:
         line = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         found.append(f"stage {stage} log.jsonl line {line + 1} ({len(got)} lines, {len(want)} expected)")
-    a, b = load_file(expected / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    a, b = load_file(expected.final / "model.safetensors"), load_file(resumed.final / "model.safetensors")
     found += [f"stage {stage} weight {name}" for name in sorted(set(a) | set(b))
               if name not in a or name not in b or not (a[name] == b[name]).all()]
-    files = [checkpoint.read_state(checkpoint.latest(folder))["files"] for folder in (expected, resumed)]
+    files = [checkpoint.read_state(checkpoint.latest(folder.checkpoints))["files"] for folder in (expected, resumed)]
     found += [f"stage {stage} checkpoint file {name}" for name in sorted(set(files[0]) | set(files[1]))
               if files[0].get(name) != files[1].get(name)]
     return found
@@ -262,18 +258,18 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
 
         def launch(cfg: Path, stage: int, window: str | None = None) -> subprocess.Popen:
             prefix = ("-c", KILL_AT, window) if window else ("-m", "distill")
-            init = ["--init-from", str(cfg.parent / "run" / "stage1" / "final")] if stage == 4 else []
+            init = ["--init-from", str(StageFolder.of(cfg.parent / "run", 1).final)] if stage == 4 else []
             return subprocess.Popen([sys.executable, *prefix, "run", "--stage", str(stage), "--config", str(cfg),
                                      *init], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def finish(cfg: Path) -> None:
             for stage in STAGES:
-                if not (cfg.parent / "run" / f"stage{stage}" / "final").exists() and launch(cfg, stage).wait() != 0:
+                if not StageFolder.of(cfg.parent / "run", stage).finished() and launch(cfg, stage).wait() != 0:
                     raise AssertionError(f"seed {seed}: stage {stage} of {cfg.parent.name} failed (run it by hand)")
 
         def compare(cfg: Path) -> list[str]:
             return [f"{cfg.parent.name}: {difference}" for stage in STAGES for difference in differences(
-                straight.parent / "run" / f"stage{stage}", cfg.parent / "run" / f"stage{stage}", stage)]
+                StageFolder.of(straight.parent / "run", stage), StageFolder.of(cfg.parent / "run", stage), stage)]
 
         straight = config("straight")
         finish(straight)
@@ -281,21 +277,21 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
         runs, landed = 0, 0
         cfg = config("killed0")
         while landed < kills or forced:
-            stage = next((s for s in STAGES if not (cfg.parent / "run" / f"stage{s}" / "final").exists()), None)
+            stage = next((s for s in STAGES if not StageFolder.of(cfg.parent / "run", s).finished()), None)
             if stage is None:  # this run finished: compare it, then a fresh one
                 found += compare(cfg)
                 runs += 1
                 cfg = config(f"killed{runs}")
                 continue
-            stage_dir = cfg.parent / "run" / f"stage{stage}"
-            window = next((w for w in forced if window_ahead(w, stage_dir, stage, steps)), None)
-            before = leftovers(stage_dir, stage)
+            folder = StageFolder.of(cfg.parent / "run", stage)
+            window = next((w for w in forced if window_ahead(w, folder, stage, steps)), None)
+            before = leftovers(folder, stage)
             if window:
                 process = launch(cfg, stage, window)
             else:
                 process = launch(cfg, stage)
-                target = logged_steps(stage_dir) + rng.randint(1, 4)
-                while process.poll() is None and logged_steps(stage_dir) < target:
+                target = logged_steps(folder) + rng.randint(1, 4)
+                while process.poll() is None and logged_steps(folder) < target:
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.15))
                 if process.poll() is None:
@@ -307,13 +303,13 @@ def soak_train(kills: int, seed: int, log=print, steps: int = 30) -> dict:
             if code == 0:
                 continue  # it finished before the kill
             landed += 1
-            left = window_left(stage_dir, stage, before)
+            left = window_left(folder, stage, before)
             by_window[left] += 1
             if window:
                 if left != window:
                     raise AssertionError(f"seed {seed}: a kill meant for {window!r} left the state of {left!r}")
                 forced.remove(window)
-            newest = checkpoint.latest(stage_dir)
+            newest = checkpoint.latest(folder.checkpoints)
             if newest is not None:
                 checkpoint.verify(newest)  # raises if a kill left a damaged checkpoint in place
         finish(cfg)

@@ -1,6 +1,6 @@
-"""Atomic, self-contained training checkpoints inside a stage's run directory.
+"""Atomic, self-contained training checkpoints in a stage's checkpoints/ folder (StageFolder.checkpoints).
 
-    <stage dir>/checkpoints/step-00000500/
+    checkpoints/step-00000500/
         model.safetensors (DDP) or pytorch_model/ (DeepSpeed: weights + ZeRO-2 optimizer shards)
         optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (accelerate's save_state)
         trainer_state.json   stage, step, sampler position, config, and the size and xxh3-64 of
@@ -37,17 +37,16 @@ STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
 
 
-def checkpoints(stage_dir: Path) -> list[Path]:
-    """Complete checkpoints of a stage, oldest first."""
-    folder = stage_dir / "checkpoints"
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in a stage's checkpoints/ `folder`, oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
-def latest(stage_dir: Path) -> Path | None:
-    found = checkpoints(stage_dir)
+def latest(folder: Path) -> Path | None:
+    found = checkpoints(folder)
     return found[-1] if found else None
 
 
@@ -55,9 +54,8 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def save(accelerator: Accelerator, stage_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save everything to resume at `step`; keep the newest `keep_last` checkpoints."""
-    folder = stage_dir / "checkpoints"
+def save(accelerator: Accelerator, folder: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Save everything to resume at `step` into the checkpoints/ `folder`; keep the newest `keep_last`."""
     final = folder / f"{_PREFIX}{step:08d}"
     tmp = folder / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -72,7 +70,7 @@ def save(accelerator: Accelerator, stage_dir: Path, step: int, state: dict, keep
         if final.exists():  # only after a rewind past it (a resume from an older checkpoint)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in checkpoints(stage_dir)[:-keep_last]:
+        for old in checkpoints(folder)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -96,7 +94,7 @@ def verify(checkpoint: Path) -> None:
     """Raise naming the first file of the checkpoint that is missing or differs from when it was saved."""
     problem = _first_problem(checkpoint)
     if problem:
-        earlier = [p.name for p in checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
+        earlier = [p.name for p in checkpoints(checkpoint.parent) if p.name < checkpoint.name]
         fallback = f"the previous one, {earlier[-1]}" if earlier else "the stage's start"
         raise DistillError(
             f"checkpoint {checkpoint} is damaged: {problem}. Restore the file (e.g. copy the checkpoint again), "

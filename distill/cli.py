@@ -11,7 +11,8 @@ from rich.table import Table
 from distill import checkpoint
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.train import FINAL_DIR, LOG_FILE, run
+from distill.stage_folder import StageFolder
+from distill.train import run
 from embed_cache.errors import run_cli
 
 app = typer.Typer(
@@ -49,19 +50,19 @@ def run_command(
 @app.command("status")
 def status_command(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (holding stage1/ ... stage4/).")):
     """Per stage: step / total, the last logged losses, checkpoints, and whether it finished."""
-    stages = sorted(p for p in run_dir.glob("stage[1-4]") if p.is_dir())
+    stages = StageFolder.all_in(run_dir)
     if not stages:
         raise DistillError(f"{run_dir} holds no stage folders: point at the --run-dir of a `jasper-distill run`.")
     table = Table(title=f"run {run_dir}")
     for name in ("stage", "step", "last losses", "checkpoints", "final"):
         table.add_column(name)
     for folder in stages:
-        found = checkpoint.checkpoints(folder)
+        found = checkpoint.checkpoints(folder.checkpoints)
         state = checkpoint.read_state(found[-1]) if found else None
-        log = folder / LOG_FILE
+        log = folder.log
         last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1]) if log.is_file() and log.stat().st_size else {}
         losses = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "cosine", "similarity", "relative_similarity") if k in last)
         step = f"{state['step']}/{state['total_steps']}" if state else (f"{last['step']} (no checkpoint)" if last else "0")
         table.add_row(folder.name, step, losses or "-", ", ".join(p.name for p in found) or "-",
-                      "yes" if (folder / FINAL_DIR / "config.json").is_file() else "no")
+                      "yes" if folder.finished() else "no")
     console.print(table)

@@ -25,8 +25,8 @@ starts from what FC1 has learnt instead of from a start the encoder has left beh
 
 Example::
 
-    fit = fit_heads(model, pooled_states(model, tokenizer, texts), targets)   # {"rows": 4096, "cosine": 0.83}
-    heads_from_fc1(model, pooled_states(model, tokenizer, texts))           # FC1 kept, FC2-FC4 from it
+    fit = fit_heads(model, model.encode_pooled(tokenizer, texts), targets)   # {"rows": 4096, "cosine": 0.83}
+    heads_from_fc1(model, model.encode_pooled(tokenizer, texts))              # FC1 kept, FC2-FC4 from it
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ FC1 = head_names(1)[0]  # the first head, the target's size
 @torch.no_grad()
 def fit_heads(model: JasperStudent, pooled: torch.Tensor, targets: np.ndarray, ridge: float = 1e-6) -> dict[str, float]:
     """Set FC1 to the ridge least-squares fit of `targets` [n, D] from `pooled` [n, h] (the texts'
-    pooled states, `distill.pooled.pooled_states`), and each smaller head to FC1 projected on the top
+    pooled states, `JasperStudent.encode_pooled`), and each smaller head to FC1 projected on the top
     principal directions of FC1's fitted outputs; returns the sample size and the mean cosine of
     FC1's fitted outputs with the targets."""
     design = with_bias(pooled)

@@ -32,7 +32,6 @@ from tqdm import tqdm
 from distill.data import BlockPlan, WindowedBatches
 from distill.errors import DistillError
 from distill.model import JasperStudent, image_inputs
-from distill.pooled import head_vectors
 from embed_cache.corpus.prepare import prepare_texts
 from embed_cache.errors import CacheError
 from embed_cache.store.target_store import TargetStore
@@ -134,7 +133,8 @@ def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], 
     store = TargetStore.open(url, mode="r+", teacher=spec)
     scale = len(model.config.head_dims) ** -0.5
     for shard in tqdm(range(store.n_shards), desc="caption targets", unit="shard"):
-        heads = head_vectors(model, tokenizer, store.read_texts(*store.shard_range(shard)), batch_size, max_length)
+        heads = model.encode(tokenizer, store.read_texts(*store.shard_range(shard)), batch_size=batch_size,
+                             max_length=max_length)
         vectors = np.concatenate([v / np.linalg.norm(v, axis=-1, keepdims=True) for v in heads.values()], axis=-1)
         store.mark_done(CAPTION_TEACHER, shard, store.write_shard(CAPTION_TEACHER, shard, vectors * scale))
     log(f"cached caption targets of {report['rows']} captions in {url}")

@@ -22,6 +22,7 @@ import copy
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -155,6 +156,42 @@ class JasperStudent(PreTrainedModel):
         """The prompts this student answers to, by name: its encoder's own, then those it trained
         with (a trained prompt wins a shared name); {} when it knows none, so texts go in bare."""
         return {**self.config.encoder_prompts, **self.config.trained_prompts}
+
+    @torch.no_grad()
+    def encode(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], head: str | None = None,
+               prompt: str = "", batch_size: int = 64, max_length: int = 512,
+               states: torch.Tensor | None = None) -> dict[str, np.ndarray] | np.ndarray:
+        """Raw float32 vectors of `texts`, in order, each read with `prompt` before it: ``{head: (n, d)}``
+        for every head, or the ``(n, d)`` array of `head`. The one way the project encodes texts with a
+        student (evaluation, the caption targets, the MTEB adapter). `states`: the texts' pooled states
+        from :meth:`encode_pooled`, when computed already; then only the heads run."""
+        if head is not None and head not in self.heads:
+            raise ValueError(f"the student has no head {head!r}; it has {', '.join(self.heads)}.")
+        if states is None:
+            states = self.encode_pooled(tokenizer, [prompt + text for text in texts], batch_size, max_length)
+        states = states.to(next(self.parameters()).device)
+        vectors = {name: layer(states).float().cpu().numpy() for name, layer in self.heads.items()
+                   if head in (None, name)}
+        return vectors if head is None else vectors[head]
+
+    @torch.no_grad()
+    def encode_pooled(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 64,
+                      max_length: int = 512) -> torch.Tensor:
+        """Mean-pooled last hidden states ``[n, hidden]`` (float32, on the CPU) of `texts`, in order, the
+        encoder in eval mode on the model's device: what every head reads (and the least-squares head
+        fits). Texts are batched by length, so batches pad little."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = np.argsort([len(text) for text in texts], kind="stable")
+        parts = []
+        for first in range(0, len(texts), batch_size):
+            batch = tokenizer([texts[i] for i in order[first:first + batch_size]], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt").to(device)
+            parts.append(self.pooled(batch["input_ids"], batch["attention_mask"]).float().cpu())
+        self.train(was_training)
+        states = torch.cat(parts) if parts else torch.empty(0, self.config.text_config.hidden_size)
+        return states[torch.from_numpy(np.argsort(order, kind="stable"))]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadOutputs:
         """One raw vector per head for each text: ``{"fc1": [B, d1], "fc2": [B, d2], ...}``."""

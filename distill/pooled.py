@@ -27,37 +27,6 @@ from distill.model import JasperStudent
 from embed_cache.store.target_store import TargetStore
 
 
-@torch.no_grad()
-def pooled_states(model: JasperStudent, tokenizer, texts: list[str], batch_size: int = 64,
-                  max_length: int = 512) -> torch.Tensor:
-    """Mean-pooled last hidden states [n, h] (float32, on the CPU) of `texts`, in order, with the
-    encoder in eval mode, on the model's device. Texts are batched by length, so batches pad little."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    parts = []
-    for first in range(0, len(texts), batch_size):
-        batch = tokenizer([texts[i] for i in order[first:first + batch_size]], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device)
-        parts.append(model.pooled(batch["input_ids"], batch["attention_mask"]).float().cpu())
-    model.train(was_training)
-    states = torch.cat(parts) if parts else torch.empty(0, model.config.text_config.hidden_size)
-    return states[torch.from_numpy(np.argsort(order, kind="stable"))]
-
-
-@torch.no_grad()
-def head_vectors(model: JasperStudent, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
-                 states: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """{head: (n, d) raw float32 vectors} of `texts`, in order: the student's one batched text encoder
-    (evaluation, export checks and the stage-4 caption targets). Pass `states` (their pooled states)
-    to apply only the heads."""
-    if states is None:
-        states = pooled_states(model, tokenizer, texts, batch_size, max_length)
-    device = next(model.parameters()).device
-    return {head: vectors.float().cpu().numpy() for head, vectors in model(pooled=states.to(device)).items()}
-
-
 class PooledRows:
     """The pooled states of a store's rows, looked up by global row index."""
 
@@ -71,7 +40,7 @@ class PooledRows:
         for shard in tqdm(sorted(shards), desc="stage 1: pooled states", unit="shard"):
             start, stop = store.shard_range(shard)
             rows.append(np.arange(start, stop))
-            states.append(pooled_states(model, tokenizer, store.read_texts(start, stop), max_length=max_length))
+            states.append(model.encode_pooled(tokenizer, store.read_texts(start, stop), max_length=max_length))
         return cls(np.concatenate(rows), torch.cat(states))
 
     def of(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:

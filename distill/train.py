@@ -47,7 +47,8 @@ from distill.errors import DistillError
 from distill.fc1_init import fit_heads, heads_from_fc1
 from distill.images import ImageBatches, build_caption_targets, load_pairs, pair_plan, split_heads
 from distill.model import JasperConfig, JasperStudent, build_student, disable_dropout
-from distill.pooled import PooledRows, pooled_states
+from distill.pooled import PooledRows
+from distill.stage_folder import StageFolder, holds_student
 from distill.stages import STAGES, StageSpec, stage_loss
 from embed_cache.config import check_name, check_written_path
 from embed_cache.files import write_atomic
@@ -55,11 +56,6 @@ from embed_cache.models.hub import local_model
 from embed_cache.store.target_store import TargetStore
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
-LOG_FILE = "log.jsonl"
-TENSORBOARD_DIR = "tensorboard"  # accelerate's tracker folder under the stage
-CAPTION_STORE = "caption_targets.zarr"  # stage 4: the frozen student's caption vectors
-MODEL_DIR = "model"  # the stage's architecture + tokenizer, to rebuild it on resume
-FINAL_DIR = "final"
 
 
 def run_dir(config: TrainConfig) -> Path:
@@ -68,8 +64,8 @@ def run_dir(config: TrainConfig) -> Path:
     return Path(config.run_dir or Path("runs") / config.name)
 
 
-def stage_dir(config: TrainConfig, stage: int) -> Path:
-    return run_dir(config) / f"stage{stage}"
+def stage_folder(config: TrainConfig, stage: int) -> StageFolder:
+    return StageFolder.of(run_dir(config), stage)
 
 
 def run(config: TrainConfig, stage: int, init_from: str | Path | None = None) -> Path:
@@ -89,8 +85,8 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     if stage not in STAGES:
         raise DistillError(f"--stage {stage}: Jasper has stages 1, 2, 3 and 4.")
     spec = config.stage(stage)
-    folder = stage_dir(config, stage)
-    resume_from = checkpoint.latest(folder)
+    folder = stage_folder(config, stage)
+    resume_from = checkpoint.latest(folder.checkpoints)
     if resume_from:
         checkpoint.verify(resume_from)
     saved = checkpoint.read_state(resume_from) if resume_from else None
@@ -98,7 +94,7 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
         differences = resume_differences(saved["config"], config, stage)
         if differences:
             raise DistillError(
-                f"{folder} holds a checkpoint made with other settings ({'; '.join(differences)}): resume "
+                f"{folder.path} holds a checkpoint made with other settings ({'; '.join(differences)}): resume "
                 "with the same settings, or start over in a new --run-dir."
             )
 
@@ -109,7 +105,7 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     if accelerator.is_main_process:
         rewind_outputs(folder, start)
     accelerator.wait_for_everyone()
-    start_trackers(accelerator, spec, start)
+    start_trackers(accelerator, spec, folder, start)
     set_seed(config.seed)
     model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
@@ -146,7 +142,7 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
 
 
 # ---------------------------------------------------------------------- set-up
-def make_accelerator(config: TrainConfig, spec: StageSpec, folder: Path) -> Accelerator:
+def make_accelerator(config: TrainConfig, spec: StageSpec, folder: StageFolder) -> Accelerator:
     """DeepSpeed ZeRO-2 (the shipped config) or DDP; bf16 on GPU."""
     cuda = torch.cuda.is_available()
     strategy = config.strategy if config.strategy != "auto" else ("deepspeed" if cuda else "ddp")
@@ -160,7 +156,7 @@ def make_accelerator(config: TrainConfig, spec: StageSpec, folder: Path) -> Acce
         # the schedule counts optimizer steps on one process; accelerate's default would step it
         # once per process per step
         step_scheduler_with_optimizer=False,
-        project_dir=str(folder),
+        project_dir=str(folder.path),
         log_with=trackers,
     )
     if strategy == "deepspeed":
@@ -177,30 +173,30 @@ def make_accelerator(config: TrainConfig, spec: StageSpec, folder: Path) -> Acce
     return Accelerator(**options)
 
 
-def start_trackers(accelerator: Accelerator, spec: StageSpec, step: int) -> None:
-    """TensorBoard (when installed) under <stage>/tensorboard; on a resume, events that an earlier
+def start_trackers(accelerator: Accelerator, spec: StageSpec, folder: StageFolder, step: int) -> None:
+    """TensorBoard (when installed) under the stage's tensorboard/; on a resume, events that an earlier
     attempt logged past `step` are purged (TensorBoard hides them), as the JSON log drops its lines."""
     if not accelerator.log_with:
         return
-    accelerator.init_trackers(
-        TENSORBOARD_DIR, config={"stage": spec.stage, "lr": spec.learning_rate, "steps": spec.steps,
+    accelerator.init_trackers(  # a run name under the accelerator's project_dir, the stage folder
+        folder.tensorboard.name, config={"stage": spec.stage, "lr": spec.learning_rate, "steps": spec.steps,
                                  "batch_size": spec.batch_size},
         init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else None,
     )
 
 
-def load_student(config: TrainConfig, stage: int, folder: Path, init_from, resumed: bool,
+def load_student(config: TrainConfig, stage: int, folder: StageFolder, init_from, resumed: bool,
                  accelerator: Accelerator) -> tuple[JasperStudent, object]:
-    """The stage's start model, and its tokenizer (saved under <stage>/model for resumes)."""
-    architecture = folder / MODEL_DIR
+    """The stage's start model, and its tokenizer (saved under the stage's model/ for resumes)."""
+    architecture = folder.model
     if resumed:
         # the checkpoint overwrites every weight: only the architecture is needed
         return JasperStudent(JasperConfig.from_pretrained(architecture)), AutoTokenizer.from_pretrained(architecture)
     if stage == 1 and init_from is None:
         model, tokenizer = base_student(config)
     else:
-        source = Path(init_from) if init_from else stage_dir(config, stage - 1) / FINAL_DIR
-        if not (source / "config.json").is_file():
+        source = Path(init_from) if init_from else stage_folder(config, stage - 1).final
+        if not holds_student(source):
             raise DistillError(
                 f"stage {stage} starts from stage {stage - 1}'s final model, but {source} holds none: run "
                 f"`jasper-distill run --stage {stage - 1}` first, or pass --init-from DIR."
@@ -233,7 +229,7 @@ def start_stage3_heads(config: TrainConfig, model: JasperStudent, tokenizer, acc
     on the pooled states of the store's first `fc1_init_rows` usable rows."""
     model.to(accelerator.device)
     _, texts, _ = store_sample(config, config.fc1_init_rows, targets=False)  # FC1 is the target here
-    heads_from_fc1(model, pooled_states(model, tokenizer, texts, max_length=config.max_length))
+    heads_from_fc1(model, model.encode_pooled(tokenizer, texts, max_length=config.max_length))
     print(f"stage 3: smaller heads from FC1's outputs on {len(texts)} rows")
 
 
@@ -265,8 +261,8 @@ def fit_initial_heads(config: TrainConfig, model: JasperStudent, tokenizer, pool
     if config.fc1_init != "lstsq":
         raise DistillError(f"fc1_init={config.fc1_init!r}: use 'random' (the paper) or 'lstsq'.")
     rows, texts, targets = store_sample(config, config.fc1_init_rows)
-    states = pooled.of(rows) if pooled is not None else pooled_states(model, tokenizer, texts,
-                                                                        max_length=config.max_length)
+    states = pooled.of(rows) if pooled is not None else model.encode_pooled(tokenizer, texts,
+                                                                              max_length=config.max_length)
     fit = fit_heads(model, states, targets)
     print(f"heads from least-squares fits on {fit['rows']} rows: FC1's mean cosine to the targets "
           f"{fit['cosine']:.4f}")
@@ -306,7 +302,7 @@ def store_sample(config: TrainConfig, rows: int,
 
 
 def make_batches(config: TrainConfig, spec: StageSpec, model: JasperStudent,
-                 tokenizer, accelerator: Accelerator, folder: Path, saved: dict | None) -> "Batches":
+                 tokenizer, accelerator: Accelerator, folder: StageFolder, saved: dict | None) -> "Batches":
     """Stages 1-3: the store's rows; stage 4: the image-caption pairs and their cached targets."""
     rank, world = accelerator.process_index, accelerator.num_processes
     position = saved["sampler"] if saved else {"epoch": 0, "batch": 0, "world": world}
@@ -331,7 +327,7 @@ def make_batches(config: TrainConfig, spec: StageSpec, model: JasperStudent,
         if not config.images:
             raise DistillError("stage 4 trains on image-caption pairs: set `images:` to their folder.")
         pairs = load_pairs(config.images)
-        captions = folder / CAPTION_STORE
+        captions = folder.caption_store
         if accelerator.is_main_process:
             build_caption_targets(model, tokenizer, [p.caption for p in pairs], captions,
                                   config.max_length)
@@ -374,7 +370,7 @@ class Recipe:
     spec: StageSpec
     batches: Batches
     trainable: list[torch.nn.Parameter]
-    folder: Path
+    folder: StageFolder
     trainer_state: Callable[[], dict]  # what a checkpoint adds to accelerate's state
     pooled: PooledRows | None = None  # stage 1's states encoded once (stage1_pooled)
     length_groups: int = 1  # text batches encoded in length-sorted groups (TrainConfig.length_groups)
@@ -392,7 +388,7 @@ def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
     samples_per_step = spec.batch_size * spec.grad_accum * accelerator.num_processes
     bar = tqdm(total=spec.steps, initial=step, desc=f"stage {spec.stage}", unit="step",
                disable=not accelerator.is_main_process)
-    log = (folder / LOG_FILE).open("a", encoding="utf-8") if accelerator.is_main_process else None
+    log = folder.log.open("a", encoding="utf-8") if accelerator.is_main_process else None
     started, first_step = time.perf_counter(), step
     while step < spec.steps:
         values: dict[str, float] = {}
@@ -422,7 +418,7 @@ def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
                 log.flush()
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if step % spec.checkpoint_every == 0 or step == spec.steps:
-            checkpoint.save(accelerator, folder, step, recipe.trainer_state(), spec.keep_last)
+            checkpoint.save(accelerator, folder.checkpoints, step, recipe.trainer_state(), spec.keep_last)
     bar.close()
     if log:
         log.close()
@@ -469,11 +465,11 @@ def check_finite(accelerator: Accelerator, loss: torch.Tensor, step: int, micro:
 
 
 # ---------------------------------------------------------------------- outputs
-def rewind_outputs(folder: Path, step: int) -> None:
+def rewind_outputs(folder: StageFolder, step: int) -> None:
     """Make the stage's appended outputs end at `step` (0: a fresh start, so none are kept)."""
-    truncate_log(folder / LOG_FILE, step)
+    truncate_log(folder.log, step)
     if step == 0:
-        shutil.rmtree(folder / TENSORBOARD_DIR, ignore_errors=True)
+        shutil.rmtree(folder.tensorboard, ignore_errors=True)
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -492,10 +488,11 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, stage: int, config: TrainConfig) -> Path:
-    """save_pretrained (safetensors) + tokenizer into <stage>/final, atomically."""
+def save_final(accelerator: Accelerator, model, tokenizer, folder: StageFolder, stage: int,
+               config: TrainConfig) -> Path:
+    """save_pretrained (safetensors) + tokenizer into the stage's final/, atomically."""
     state = accelerator.get_state_dict(model)
-    final, tmp = folder / FINAL_DIR, folder / f".tmp-{FINAL_DIR}"
+    final, tmp = folder.final, folder.final_staging
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state)

@@ -26,7 +26,6 @@ import torch
 from scipy.stats import spearmanr
 
 from distill.images import weights_fingerprint
-from distill.pooled import head_vectors, pooled_states
 
 DATA = Path(__file__).resolve().parent / "data"
 TextEncoder = Callable[[list[str]], np.ndarray]
@@ -106,7 +105,7 @@ def image_caption_retrieval(model, tokenizer, folder: Path, pairs, image_size: i
         placeholders = image_inputs(tokenizer, model.config, [""] * len(batch))
         images.append(model.encode_image(pixels, placeholders["input_ids"], placeholders["attention_mask"]))
     model.train(was_training)
-    captions = head_vectors(model, tokenizer, [pair.caption for pair in pairs], batch_size)
+    captions = model.encode(tokenizer, [pair.caption for pair in pairs], batch_size=batch_size)
     return {head: retrieval_metrics(torch.cat([b[head] for b in images]).float().numpy(), captions[head])
             for head in images[0]}
 
@@ -142,8 +141,8 @@ class StudentHeads:
     def vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
         key = (self.encoder, self.max_length, tuple(texts))
         if key not in self.states:
-            self.states[key] = pooled_states(self.model, self.tokenizer, list(texts), self.batch_size, self.max_length)
-        return head_vectors(self.model, self.tokenizer, list(texts), states=self.states[key])
+            self.states[key] = self.model.encode_pooled(self.tokenizer, list(texts), self.batch_size, self.max_length)
+        return self.model.encode(self.tokenizer, list(texts), states=self.states[key])
 
     def encoder_of(self, head: str) -> TextEncoder:
         return lambda texts: self.vectors(texts)[head]

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 
 from distill.images import load_pairs, text_fingerprint
 from distill.model import JasperStudent
-from distill.train import FINAL_DIR, initial_student, stage_dir
+from distill.train import initial_student, stage_folder
 from embed_cache.files import write_atomic
 from embed_cache.store.target_store import TargetStore
 from embed_cache.teachers.loading import load_teacher, prepare_texts
@@ -142,9 +142,9 @@ def student_checkpoints(config: PipelineConfig) -> list[tuple[str, Path | None]]
     """("student init", None), then ("stage N", its final folder) for each finished stage."""
     found = [("student init", None)]
     for stage in config.stages:
-        final = stage_dir(config.train, stage) / FINAL_DIR
-        if (final / "config.json").is_file():
-            found.append((f"stage {stage}", final))
+        folder = stage_folder(config.train, stage)
+        if folder.finished():
+            found.append((f"stage {stage}", folder.final))
     return found
 
 

@@ -26,7 +26,6 @@ from mteb.types import PromptType
 from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
-from distill.pooled import head_vectors
 
 SYMMETRIC_TASK_TYPES = ("STS", "Classification", "MultilabelClassification", "Clustering",
                         "PairClassification", "BitextMining", "Summarization")
@@ -67,7 +66,7 @@ class MTEBStudent(AbsEncoder):
         return self.model_prompts.get(name, "") if name else ""
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
-        prompt = self.prompt_for(task_metadata, prompt_type)
-        texts = [prompt + text for batch in inputs for text in batch["text"]]
-        vectors = head_vectors(self.model, self.tokenizer, texts, self.batch_size, self.max_length)[self.head]
+        texts = [text for batch in inputs for text in batch["text"]]
+        vectors = self.model.encode(self.tokenizer, texts, head=self.head, prompt=self.prompt_for(task_metadata, prompt_type),
+                                    batch_size=self.batch_size, max_length=self.max_length)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

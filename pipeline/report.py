@@ -18,7 +18,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distill.train import LOG_FILE, stage_dir  # noqa: E402
+from distill.train import stage_folder  # noqa: E402
 from pipeline.evaluate_run import read_results  # noqa: E402
 
 BENCHMARKS = ("lee", "wordsim353", "simlex999", "wordnet R@1", "wordnet R@10", "wordnet MRR", "python-docs R@1",
@@ -152,7 +152,7 @@ def paired_error(scores: dict, base: dict, key: str) -> float | None:
 
 
 def plot_losses(config, path: Path) -> None:
-    logs = {stage: stage_dir(config.train, stage) / LOG_FILE for stage in config.stages}
+    logs = {stage: stage_folder(config.train, stage).log for stage in config.stages}
     logs = {stage: [json.loads(line) for line in log.open()] for stage, log in logs.items() if log.is_file()}
     figure, axes = plt.subplots(1, max(len(logs), 1), figsize=(4 * max(len(logs), 1), 3.2), squeeze=False)
     for axis, (stage, records) in zip(axes[0], logs.items()):

@@ -32,8 +32,8 @@ import yaml
 import zarr
 
 from distill.images import load_pairs
-from distill.train import FINAL_DIR, stage_dir
 from distill.train import run as train_stage
+from distill.train import stage_folder
 from embed_cache.build import build
 from embed_cache.corpus.prepare import AugmentSpec, PrepareConfig, SourceSpec, prepare
 from embed_cache.errors import CacheError
@@ -91,8 +91,8 @@ def run_pipeline(config: PipelineConfig, log: Callable[[str], None] = print) -> 
     if 4 in config.stages and config.evaluation.images:
         split_pairs(config, out)
     for stage in config.stages:
-        final = stage_dir(config.train, stage) / FINAL_DIR
-        phases.run(f"stage {stage}", lambda s=stage: train_stage(config.train, s), lambda f=final: (f / "config.json").is_file())
+        phases.run(f"stage {stage}", lambda s=stage: train_stage(config.train, s),
+                   stage_folder(config.train, stage).finished)
     phases.run("evaluate", lambda: evaluate_run(config, log), lambda: False)
     phases.run("export", lambda: export_final(config), lambda: exports_current(config))
     phases.run("report", lambda: write_report(config, phases.times), lambda: False)

@@ -74,7 +74,6 @@ def test_students_with_one_encoder_run_it_once_and_keep_their_own_heads(tmp_path
     import torch
     from tiny_models import tiny_student
 
-    from distill.pooled import pooled_states
     from pipeline.evaluate import StudentHeads
 
     init, tokenizer = tiny_student("bert", tmp_path)
@@ -87,7 +86,7 @@ def test_students_with_one_encoder_run_it_once_and_keep_their_own_heads(tmp_path
     trained.text_encoder.forward = lambda *a, **k: pytest.fail("the shared encoder ran again")
     second = StudentHeads(trained, tokenizer, batch_size=2, states=states).vectors(texts)
     # by hand: each text alone through the encoder, then the trained heads
-    alone = torch.cat([pooled_states(init, tokenizer, [text]) for text in texts])
+    alone = torch.cat([init.encode_pooled(tokenizer, [text]) for text in texts])
     with torch.no_grad():
         for head, layer in trained.heads.items():
             np.testing.assert_allclose(second[head], layer(alone).numpy(), atol=1e-5)

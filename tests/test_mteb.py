@@ -3,8 +3,8 @@ WordSim-353 pairs, and its Spearman equals the project's own evaluation of the s
 a task gets exactly the prompt the student's record gives it, and none when it has none."""
 
 import mteb
-import numpy as np
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 from lookalikes import STELLA_LOOKALIKE_PROMPTS
 from mteb.abstasks.sts import AbsTaskSTS
@@ -12,7 +12,6 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
 from tiny_models import tiny_student
 
-from distill.pooled import head_vectors
 from pipeline.config import DATA
 from pipeline.evaluate import read_word_pairs, word_pair_spearman
 from pipeline.mteb_adapter import MTEBStudent
@@ -52,7 +51,7 @@ def test_mteb_scores_a_head_as_the_project_does(student):
                            show_progress_bar=False)
     scores = result.task_results[0].scores["test"][0]
     # the student knows no prompt: STS texts go in bare
-    encode = lambda texts: head_vectors(model, tokenizer, texts)["fc2"]  # noqa: E731
+    encode = lambda texts: model.encode(tokenizer, texts, head="fc2")  # noqa: E731
     assert scores["cosine_spearman"] == pytest.approx(word_pair_spearman(encode, WORDSIM), abs=1e-6)
 
 
@@ -60,11 +59,11 @@ def encoded_strings(adapter, monkeypatch, task_type, prompt_type) -> list[str]:
     """The strings the adapter hands the student for one mteb encode call."""
     seen = []
 
-    def recording(model, tokenizer, texts, *args, **kwargs):
+    def recording(tokenizer, texts, *args, **kwargs):  # what the student tokenizes
         seen.extend(texts)
-        return {adapter.head: np.ones((len(texts), 4), dtype=np.float32)}
+        return torch.ones(len(texts), adapter.model.config.text_config.hidden_size)
 
-    monkeypatch.setattr("pipeline.mteb_adapter.head_vectors", recording)
+    monkeypatch.setattr(adapter.model, "encode_pooled", recording)
     adapter.encode([{"text": ["red dog", "a cat"]}], task_metadata=metadata(f"Local{task_type}", task_type),
                    hf_split="test", hf_subset="default", prompt_type=prompt_type)
     return seen

@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 
 from distill.config import load_config
 from distill.model import JasperStudent
-from distill.pooled import head_vectors
 from embed_cache.config import from_mapping, layered_mapping
 from embed_cache.corpus.prepare import PrepareConfig
 from embed_cache.errors import JasperError
@@ -94,7 +93,7 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
 
     student = JasperStudent.from_pretrained(out / "train" / "stage4" / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "train" / "stage4" / "final")
-    expected = head_vectors(student, tokenizer, TEXTS, max_length=config.evaluation.max_length)
+    expected = student.encode(tokenizer, TEXTS, max_length=config.evaluation.max_length)
     for head, dim in (("fc1", 96), ("fc4", 8)):
         exported = SentenceTransformer(str(out / "export" / f"dim-{dim}"), device="cpu")
         assert exported.max_seq_length == config.evaluation.max_length == 128 != config.train.max_length

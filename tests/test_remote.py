@@ -136,11 +136,11 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
                              stderr=subprocess.STDOUT)
     stage_dir = tmp_path / "first" / "run" / "stage1"
     deadline = time.monotonic() + 240
-    while not checkpoint.checkpoints(stage_dir) and first.poll() is None and time.monotonic() < deadline:
+    while not checkpoint.checkpoints(stage_dir / "checkpoints") and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     first.kill()
     first.wait()
-    assert checkpoint.checkpoints(stage_dir) and not (stage_dir / "final").exists()
+    assert checkpoint.checkpoints(stage_dir / "checkpoints") and not (stage_dir / "final").exists()
 
     # "another machine": its own working directory and run directory, the same remote cache
     shutil.copytree(tmp_path / "first" / "run", tmp_path / "second" / "run")

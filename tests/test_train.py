@@ -106,7 +106,7 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
     config = config_file(tmp_path, store.url, steps=6)
     stage_dir = run(load_config(config), 1).parent
-    assert [p.name for p in checkpoint.checkpoints(stage_dir)] == ["step-00000003", "step-00000006"]
+    assert [p.name for p in checkpoint.checkpoints(stage_dir / "checkpoints")] == ["step-00000003", "step-00000006"]
 
     with pytest.raises(DistillError, match=r"stage1.learning_rate: 0.003 != 0.001"):
         run(load_config(config, ["stage1.learning_rate=1e-3"]), 1)
@@ -114,7 +114,7 @@ def test_resume_refuses_changed_settings_and_skips_partial_checkpoints(tmp_path)
     # a save killed before its rename, and a folder without its state file, are not checkpoints
     (stage_dir / "checkpoints" / ".tmp-step-00000009").mkdir()
     (stage_dir / "checkpoints" / "step-00000012").mkdir()
-    assert checkpoint.latest(stage_dir).name == "step-00000006"
+    assert checkpoint.latest(stage_dir / "checkpoints").name == "step-00000006"
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_at_its_default_and_no_other():
@@ -254,11 +254,11 @@ def test_sigkill_then_resume_here_and_on_another_machine_equals_an_uninterrupted
     killed = distill("run", "--stage", 1, "--config", killed_cfg)
     stage_dir = tmp_path / "killed" / "run" / "stage1"
     deadline = time.monotonic() + 240
-    while not checkpoint.checkpoints(stage_dir) and time.monotonic() < deadline and killed.poll() is None:
+    while not checkpoint.checkpoints(stage_dir / "checkpoints") and time.monotonic() < deadline and killed.poll() is None:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert checkpoint.checkpoints(stage_dir), "no checkpoint was written before the deadline"
+    assert checkpoint.checkpoints(stage_dir / "checkpoints"), "no checkpoint was written before the deadline"
     assert not (stage_dir / "final").exists(), "the run finished before it could be killed"
     finish(straight)
 
@@ -394,7 +394,6 @@ def test_cli_status_and_user_errors(tmp_path):
 
 
 def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
-    from distill.pooled import pooled_states
     from distill.train import initial_student
 
     store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
@@ -404,7 +403,7 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     model, tokenizer = initial_student(config)
     # independent expectation: numpy's least squares on the same pooled states (3 shards: 32 + 32 + 16 rows)
     texts, targets = store.read_texts(0, 80), store.read_targets(0, 80).astype(np.float64)
-    design = np.hstack([pooled_states(model, tokenizer, texts, max_length=16).numpy(), np.ones((80, 1))])
+    design = np.hstack([model.encode_pooled(tokenizer, texts, max_length=16).numpy(), np.ones((80, 1))])
     expected, *_ = np.linalg.lstsq(design, targets, rcond=None)
     np.testing.assert_allclose(model.heads["fc1"].weight.detach().numpy(), expected[:-1].T, atol=1e-3)
     np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
@@ -418,8 +417,6 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
 
 
 def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_left(tmp_path):
-    from distill.pooled import pooled_states
-
     store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
     start = saved_start(tmp_path, head_dims=[TARGET_DIM, 40, 16, 4])  # random heads: nothing ties FC2-FC4 to FC1
     # a rate of 0: the stage's final model is its start
@@ -431,7 +428,7 @@ def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_lef
     assert {f"heads.fc{i}.weight" for i in (2, 3, 4)} <= changed <= {f"heads.fc{i}.{p}" for i in (2, 3, 4)
                                                                        for p in ("weight", "bias")}
     model = JasperStudent.from_pretrained(final, dtype=torch.float32)
-    states = pooled_states(model, AutoTokenizer.from_pretrained(final), store.read_texts(0, 80), max_length=16)
+    states = model.encode_pooled(AutoTokenizer.from_pretrained(final), store.read_texts(0, 80), max_length=16)
     with torch.no_grad():
         fc1_outputs = model.heads["fc1"](states).double().numpy()
     assert_smaller_heads_are_fc1_projected(model, states.double().numpy(), fc1_outputs)
