@@ -25,6 +25,7 @@ from embed_cache.api.client import ApiSettings
 from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping, without_credentials
 from embed_cache.corpus.prepare import PrepareConfig
 from embed_cache.errors import JasperError
+from pipeline.run_folder import RunFolder
 
 
 class PipelineError(JasperError):
@@ -34,7 +35,6 @@ PRESETS = Path(__file__).parent / "presets"
 DATA = Path(__file__).parent / "data"
 DATA_PREFIX = "@data/"
 TINY_PREFIX = "@tiny/"
-TINY_MODELS = "tiny-models"
 
 
 @dataclass
@@ -96,7 +96,7 @@ def load_pipeline_config(preset: str | None = "demo", path: str | Path | None = 
     if preset and preset not in preset_names():
         raise PipelineError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}.")
     data = layered_mapping([PRESETS / f"{preset}.yaml" if preset else None, path or None], overrides, {"out": out})
-    data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: Path(data.get("out", "runs/demo")).resolve() / TINY_MODELS})
+    data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: RunFolder.of(Path(data.get("out", "runs/demo")).resolve()).tiny_models})
     config = from_mapping(PipelineConfig, data, where=str(path or f"preset {preset}"))
     for key in ("seed", "name"):  # the pipeline's own, passed down: a different train.<key> would be lost
         given = (data.get("train") or {}).get(key)
@@ -126,16 +126,16 @@ def fill_derived(config: PipelineConfig) -> PipelineConfig:
     for key, path in (("out", config.out), ("cache.out", config.cache.out), ("train.run_dir", config.train.run_dir),
                       ("train.images", config.train.images)):
         check_written_path(path, key)
-    out = Path(config.out)
-    config.cache.out = config.cache.out or str(out / "cache.zarr")
+    out = RunFolder.of(config.out)
+    config.cache.out = config.cache.out or str(out.cache)
     train = config.train
     train.name = config.name
-    train.run_dir = train.run_dir or str(out / "train")
+    train.run_dir = train.run_dir or str(out.train)
     train.store = train.store or config.cache.out
     train.storage_options = train.storage_options or config.cache.storage_options
     train.seed = config.seed
     if config.evaluation.images and 4 in config.stages:
-        train.images = train.images or str(out / "emoji-train")  # written by the run (pipeline.run.split_pairs)
+        train.images = train.images or str(out.emoji_train)  # written by the run (pipeline.run.split_pairs)
     bad = sorted(set(config.stages) - {1, 2, 3, 4})
     if bad or config.stages != sorted(set(config.stages)):
         raise PipelineError(f"stages={config.stages}: list stages from 1 to 4 in order, each once.")

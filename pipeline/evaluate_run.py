@@ -42,14 +42,11 @@ from embed_cache.teachers.loading import load_teacher, prepare_texts
 from embed_cache.teachers.spec import resolve_teacher
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import StudentHeads, fidelity, image_caption_retrieval, text_benchmarks
-
-EVAL_FILE = "eval.json"
-HELDOUT_STORE = "heldout.zarr"
-EMOJI_HELDOUT, EMOJI_TRAIN = "emoji-heldout", "emoji-train"
+from pipeline.run_folder import RunFolder
 
 
 def read_results(out: Path) -> dict:
-    path = out / EVAL_FILE
+    path = RunFolder.of(out).eval_results
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"models": {}}
 
 
@@ -60,7 +57,7 @@ _NUMBER_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]")
 def save_results(out: Path, results: dict) -> None:
     """eval.json, indented, with each list of ranks on one line (~2,000 per task and head)."""
     text = json.dumps(results, indent=1)
-    write_atomic(out / EVAL_FILE, _NUMBER_LIST.sub(lambda found: re.sub(r"\s+", "", found.group()), text))
+    write_atomic(RunFolder.of(out).eval_results, _NUMBER_LIST.sub(lambda found: re.sub(r"\s+", "", found.group()), text))
 
 
 def evaluate_run(config: PipelineConfig, log=print) -> dict:
@@ -129,12 +126,12 @@ def student_max_length(config: PipelineConfig) -> int:
 
 def held_out_data(config: PipelineConfig):
     """(texts, targets) of the held-out store and the held-out emoji pairs; None where a run has none."""
-    out = Path(config.out)
+    out = RunFolder.of(config.out)
     heldout = None
-    if config.evaluation.fidelity_texts and (out / HELDOUT_STORE).exists():
-        store = TargetStore.open(out / HELDOUT_STORE)
+    if config.evaluation.fidelity_texts and out.heldout_store.exists():
+        store = TargetStore.open(out.heldout_store)
         heldout = store.read_texts(0, store.n_rows), store.read_targets(0, store.n_rows).astype(np.float32)
-    pairs = load_pairs(out / EMOJI_HELDOUT) if (out / EMOJI_HELDOUT / "captions.json").is_file() else None
+    pairs = load_pairs(out.emoji_heldout) if (out.emoji_heldout / "captions.json").is_file() else None
     return heldout, pairs
 
 
@@ -166,7 +163,7 @@ def score_student(model, tokenizer, config: PipelineConfig, heldout, pairs,
         scores[head].update({k: v for k, v in text.get(head, {}).items() if k in ("benchmarks", "fidelity")})
     if pairs is not None:
         image_size = config.train.image_size
-        folder = Path(config.out) / EMOJI_HELDOUT
+        folder = RunFolder.of(config.out).emoji_heldout
         for head, values in image_caption_retrieval(model, tokenizer, folder, pairs, image_size,
                                                     settings.batch_size).items():
             scores[head]["emoji"] = values

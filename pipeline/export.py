@@ -32,6 +32,7 @@ from transformers import AutoTokenizer
 from distill.model import JasperStudent
 from pipeline.config import PipelineError
 from pipeline.evaluate_run import student_checkpoints, student_max_length
+from pipeline.run_folder import RunFolder
 
 
 def head_for_dim(model: JasperStudent, dim: int) -> str:
@@ -100,10 +101,6 @@ def check_tokenizer_round_trip(tokenizer, folder: Path, shown_as: Path) -> None:
             )
 
 
-def export_folder(out: str | Path, dim: int) -> Path:
-    return Path(out) / "export" / f"dim-{dim}"
-
-
 def export_final(config) -> list[Path]:
     """Every head (or `config.export_dims`) of the last finished stage -> <out>/export/dim-<D>."""
     name, folder = student_checkpoints(config)[-1]
@@ -112,7 +109,7 @@ def export_final(config) -> list[Path]:
     model = JasperStudent.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dims = config.export_dims or [head.out_features for head in model.heads.values()]
-    written = [export_sentence_transformers(model, tokenizer, dim, export_folder(config.out, dim),
+    written = [export_sentence_transformers(model, tokenizer, dim, RunFolder.of(config.out).export(dim),
                                             student_max_length(config)) for dim in dims]
     _source_record(config).write_text(_source(folder), encoding="utf-8")
     return written
@@ -126,7 +123,7 @@ def exports_current(config) -> bool:
 
 
 def _source_record(config) -> Path:
-    return Path(config.out) / "export" / "SOURCE"
+    return RunFolder.of(config.out).export_source
 
 
 def _source(folder: Path) -> str:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from distill.train import stage_folder  # noqa: E402
 from pipeline.evaluate_run import read_results  # noqa: E402
+from pipeline.run_folder import RunFolder  # noqa: E402
 
 BENCHMARKS = ("lee", "wordsim353", "simlex999", "wordnet R@1", "wordnet R@10", "wordnet MRR", "python-docs R@1",
               "python-docs R@10", "python-docs MRR")
@@ -27,11 +28,11 @@ COMPONENTS = ("loss", "cosine", "similarity", "relative_similarity")
 
 
 def write_report(config, phase_times: dict) -> Path:
-    out = Path(config.out)
-    (out / "plots").mkdir(exist_ok=True)
-    models = read_results(out)["models"]
-    plot_losses(config, out / "plots" / "losses.png")
-    plot_quality(models, out / "plots" / "quality_vs_dim.png")
+    out = RunFolder.of(config.out)
+    out.plots.mkdir(exist_ok=True)
+    models = read_results(out.path)["models"]
+    plot_losses(config, out.plots / "losses.png")
+    plot_quality(models, out.plots / "quality_vs_dim.png")
     teachers = [name for name in models if name.startswith("teacher ")]
     students = [name for name in models if not name.startswith("teacher ")]
     lines = [
@@ -78,8 +79,8 @@ def write_report(config, phase_times: dict) -> Path:
         lines += [f"| {name} | {head} | {v['R@1']:.4f} | {v['R@10']:.4f} | {v['MRR']:.4f} |" for name, head, v in emoji]
         lines.append("")
     lines += ["## Plots", "", "![losses](plots/losses.png)", "", "![quality vs dimension](plots/quality_vs_dim.png)", ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    return out / "report.md"
+    out.report.write_text("\n".join(lines), encoding="utf-8")
+    return out.report
 
 
 def prompts_paragraph(models: dict, students: list[str]) -> list[str]:

@@ -87,9 +87,13 @@ def save_student_encoder(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return folder / "encoder", folder / "tokenizer"
 
 
+def tiny_models_built(folder: Path) -> bool:
+    return (folder / "complete").is_file()
+
+
 def make_tiny_models(folder: Path) -> None:
     """teacher-a (64-d), teacher-b (32-d), student/encoder + student/tokenizer under `folder`."""
-    if (folder / "complete").is_file():
+    if tiny_models_built(folder):
         return
     save_teacher(folder / "teacher-a", seed=0, out_dim=64)
     save_teacher(folder / "teacher-b", seed=1)

@@ -8,7 +8,7 @@ from store_helpers import TEACHERS, fake_vectors, fill, make_store
 from embed_cache.errors import CacheError
 from embed_cache.store.hashing import text_keys
 from embed_cache.store.index import IndexReader, build_index
-from embed_cache.store.target_store import FORMAT_VERSION, TargetStore, column_block
+from embed_cache.store.target_store import FORMAT_VERSION, StoreState, TargetStore, column_block, store_state
 from embed_cache.teachers.spec import TeacherSpec
 
 
@@ -171,3 +171,18 @@ def test_torn_completion_record_reads_as_pending(tmp_path):
     fill(store, "big")
     (tmp_path / "store.zarr/done/big/c/2/0").write_bytes(b"\x01\x00")
     assert TargetStore.open(store.url).pending_shards("big") == [2]
+
+
+def test_store_state_answers_absent_interrupted_and_built_in_one_call(tmp_path):
+    assert store_state(tmp_path / "nowhere.zarr") == StoreState(exists=False, prepared=False, pending={})
+    TargetStore.create(tmp_path / "half.zarr", TEACHERS, n_rows=10)  # a prepare killed before it finished
+    assert store_state(tmp_path / "half.zarr") == StoreState(exists=True, prepared=False, pending={})
+    store = make_store(tmp_path)  # 100 rows in shards of 32: four shards
+    fill(store, "big", shards=[0, 2])
+    state = store_state(store.url)
+    assert state.pending == {"big": [1, 3], "small": [0, 1, 2, 3]} and not state.built("big")
+    fill(store, "big")
+    assert store_state(store.url).built("big") and not store_state(store.url).built("nobody")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")  # something else at the URL is never taken for a store
+    with pytest.raises(CacheError, match="not a jasper-cache store"):
+        store_state(tmp_path / "plain.zarr")

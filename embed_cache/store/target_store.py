@@ -85,6 +85,38 @@ def store_exists(url: str | Path, storage_options: dict | None) -> bool:
     return zarr.core.sync.sync(store.exists("zarr.json"))
 
 
+@dataclass(frozen=True)
+class StoreState:
+    """What lives at a store's URL, in one look (`store_state`)."""
+
+    exists: bool  # anything at all at the URL
+    prepared: bool  # a store that `prepare` finished (False: none, or one whose prepare was interrupted)
+    pending: dict[str, list[int]]  # prepared stores: each teacher's shards not yet built
+
+    def built(self, teacher: str) -> bool:
+        """Whether `teacher` has written every shard of this (prepared) store."""
+        return self.prepared and teacher in self.pending and not self.pending[teacher]
+
+
+def store_state(url: str | Path, storage_options: dict | None = None) -> StoreState:
+    """Absent, interrupted while being prepared, or prepared with each teacher's pending shards. Anything
+    else at the URL (another format version, not a store) is raised, so it is never overwritten."""
+    try:
+        store = TargetStore.open(url, storage_options=storage_options)
+    except CacheError:
+        if not store_exists(url, storage_options):
+            return StoreState(exists=False, prepared=False, pending={})
+        try:
+            group = zarr.open_group(open_zarr_store(url, True, storage_options), mode="r")
+        except Exception:  # not a zarr group at all: let TargetStore's error speak
+            group = None
+        if group is not None and group.attrs.get("prepared") is False:
+            return StoreState(exists=True, prepared=False, pending={})
+        raise
+    return StoreState(exists=True, prepared=True,
+                      pending={columns.spec.name: store.pending_shards(columns.spec.name) for columns in store.teachers})
+
+
 class TargetStore:
     """Open with `TargetStore.open(url)` or create with `TargetStore.create(...)`."""
 
