@@ -129,14 +129,36 @@ class TrainConfig:
     stage4: StageSettings = field(default_factory=StageSettings)
 
     def __post_init__(self):
+        """Everything a stage would refuse from the config alone is refused here, when the config loads,
+        before any phase runs (data-dependent checks stay where the data is read)."""
         if not isinstance(self.length_groups, int) or self.length_groups < 1:
             raise DistillError(f"length_groups={self.length_groups!r}: use a whole number >= 1 (1 encodes each batch "
                                "padded as one).")
+        for key, value, allowed in (("strategy", self.strategy, ("auto", "deepspeed", "ddp")),
+                                    ("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no")),
+                                    ("fc1_init", self.fc1_init, ("random", "lstsq")),
+                                    ("student.attention", self.student.attention, (None, "bidirectional", "causal")),
+                                    ("student.eos", self.student.eos, (None, "token", "none"))):
+            if value not in allowed:
+                raise DistillError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}.")
+        dims = self.student.head_dims
+        if not dims or not all(isinstance(dim, int) and dim > 0 for dim in dims):
+            raise DistillError(f"student.head_dims={dims!r}: give one positive size per head, FC1 (the target's "
+                               "width) first, e.g. [12288, 1024, 512, 256] or [1152].")
+        projected = [dim for dim in dims[1:] if dim > min(self.fc1_init_rows, dims[0])]
+        if projected and (self.fc1_init == "lstsq" or self.stage3_heads_from_fc1):
+            raise DistillError(
+                f"student.head_dims={dims}: the smaller heads start from FC1's top principal directions, and a "
+                f"{max(projected)}-d head needs at least {max(projected)} of them (fc1_init_rows={self.fc1_init_rows}, "
+                f"FC1 {dims[0]}-d): raise fc1_init_rows, narrow the head, or start the heads at random "
+                "(fc1_init: random, stage3_heads_from_fc1: false).")
+        for number in STAGES:
+            self.stage(number)  # each stage's settings over the paper's, checked (steps, batch, warm-up, ...)
 
     def stage(self, number: int) -> StageSpec:
         """Stage `number` as this config runs it: the paper's stage with this config's settings over it."""
         return stage_with(number, {**dataclasses.asdict(getattr(self, f"stage{number}")),
-                                   "self_distillation": self.self_distillation and number == 3})
+                                   "self_distillation": self.self_distillation and STAGES[number].trains_smaller_heads})
 
     def to_dict(self) -> dict:
         """The config as saved with checkpoints and final models: credentials redacted."""

@@ -66,7 +66,12 @@ class StageFolder:
 
     @property
     def final_staging(self) -> Path:
-        return self.path / ".tmp-final"
+        return self.staging(self.final)
+
+    @staticmethod
+    def staging(folder: Path) -> Path:
+        """Where `folder` is written before it is renamed into place (`.tmp-<name>` beside it)."""
+        return folder.with_name(f".tmp-{folder.name}")
 
     def finished(self) -> bool:
         """Whether the stage saved its final model (the rename makes it whole)."""

@@ -4,8 +4,14 @@
 | --- | --- | --- | --- | --- | --- |
 | 1 | FC1 | cos + sim + resim on FC1 vs the target | 1e-4 | 4000 | 128 |
 | 2 | FC1 + last 3 encoder layers | as stage 1 | 8e-5 | 7000 | 128 |
-| 3 | encoder (incl. embeddings) + FC1..FC4 | cos on FC1; sim + resim on FC1..FC4 vs the target | 7e-5 | 2200 | 128 |
+| 3 | encoder (incl. embeddings) + every head | cos on FC1; sim + resim on every head vs the target | 7e-5 | 2200 | 128 |
 | 4 | vision tower | all three per head, image vs the frozen student's caption vector | 1e-4 | 3500 | 90 |
+
+"Every head" is whatever heads the student has (the paper's FC1..FC4; one or more). The table also
+says where each stage starts and which start-up options act in it, so the training loop has no
+``if stage == ...``: stage 1 starts from the configured encoder (its heads from `fc1_init`, its
+frozen encoder's pooled states encoded once with `stage1_pooled`), stage 3 is where the smaller
+heads start training (`stage3_heads_from_fc1`, `self_distillation`).
 
 Every stage's loss has one form::
 
@@ -31,8 +37,9 @@ from distill.errors import DistillError
 from distill.losses import RESIM_MARGIN, LossWeights, cosine_loss, relative_similarity_loss, similarity_loss
 from distill.model import JasperStudent
 
-HEADS = ("fc1", "fc2", "fc3", "fc4")
+ALL_HEADS = "all"  # every head the student has, FC1 first
 TARGET_HEAD = "fc1"  # the head with the target's size; the self-distillation teacher
+Heads = tuple[str, ...] | Literal["all"]
 
 Targets = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -43,13 +50,15 @@ class StageSpec:
 
     Attributes:
         stage: 1..4.
-        trainable_heads: heads whose parameters train.
+        trainable_heads: heads whose parameters train (``"all"``: every head the student has).
         trainable_encoder_layers: ``0`` (encoder frozen), ``k`` (its last k transformer blocks only;
             a final norm after them, like Qwen2's ``norm``, stays frozen) or ``"all"`` (the whole
             encoder, embeddings included).
         train_vision_tower: whether the SigLIP tower trains.
         cosine_heads: heads that get ``L_cosine`` (their size must match their teacher's).
         similarity_heads: heads that get ``L_sim`` and ``L_resim``.
+        starts_from_encoder: the stage builds the student from the configured text encoder (stage 1);
+            otherwise it starts from the previous stage's final model.
         teacher: ``"target"``, one cached target ``[B, D]`` for every head (stages 1-3), or
             ``"caption"``, one vector per head from the frozen student's caption (stage 4).
         learning_rate, steps, batch_size: the paper's values (batch is per device).
@@ -65,11 +74,11 @@ class StageSpec:
     """
 
     stage: int
-    trainable_heads: tuple[str, ...]
+    trainable_heads: Heads
     trainable_encoder_layers: int | Literal["all"]
     train_vision_tower: bool
-    cosine_heads: tuple[str, ...]
-    similarity_heads: tuple[str, ...]
+    cosine_heads: Heads
+    similarity_heads: Heads
     teacher: Literal["target", "caption"]
     learning_rate: float
     steps: int
@@ -83,12 +92,13 @@ class StageSpec:
     weight_decay: float = 0.01
     checkpoint_every: int = 500
     keep_last: int = 2
+    starts_from_encoder: bool = False
 
     def __post_init__(self):
-        if self.self_distillation and (self.teacher != "target" or TARGET_HEAD not in self.similarity_heads):
+        if self.self_distillation and not self.trains_smaller_heads:
             raise ValueError(
                 f"Stage {self.stage}: self_distillation makes {TARGET_HEAD}'s output the teacher of the other "
-                "similarity heads, so it needs teacher='target' and fc1 among similarity_heads (stage 3)."
+                "similarity heads, so it needs teacher='target' and every head among similarity_heads (stage 3)."
             )
         where = f"stage{self.stage}"
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last"):
@@ -99,21 +109,32 @@ class StageSpec:
         if not 0 <= self.warmup < 1:
             raise DistillError(f"{where}.warmup={self.warmup}: give a fraction of the steps in [0, 1).")
 
+    @property
+    def encoder_frozen(self) -> bool:
+        """Nothing upstream of the heads trains and no image goes in (stage 1): the encoder runs as it
+        will be used (eval mode), so a text's pooled state is the same at every step."""
+        return self.trainable_encoder_layers == 0 and not self.train_vision_tower
+
+    @property
+    def trains_smaller_heads(self) -> bool:
+        """Every head learns the target's similarities here (stage 3): where the smaller heads start."""
+        return self.teacher == "target" and self.similarity_heads == ALL_HEADS
+
     def trainable_parameter_names(self, model: JasperStudent) -> set[str]:
         """Names (as in ``model.named_parameters()``) of the parameters this stage trains."""
-        unknown_heads = sorted(set(self.trainable_heads) - set(model.heads))
+        unknown_heads = sorted(set(heads_of(self.trainable_heads, model.heads)) - set(model.heads))
         if unknown_heads:
-            raise ValueError(
+            raise DistillError(
                 f"Stage {self.stage} trains heads {unknown_heads}, which this student lacks (it has "
-                f"{sorted(model.heads)}): build the student with one head_dims entry per head, e.g. four."
+                f"{sorted(model.heads)}): give the stage heads the student has."
             )
-        trainable_modules = [model.heads[name] for name in self.trainable_heads]
+        trainable_modules = [model.heads[name] for name in heads_of(self.trainable_heads, model.heads)]
         if self.trainable_encoder_layers == "all":
             trainable_modules.append(model.text_encoder)
         elif self.trainable_encoder_layers:
             layers = model.encoder_layers()
             if self.trainable_encoder_layers > len(layers):
-                raise ValueError(
+                raise DistillError(
                     f"Stage {self.stage} trains the last {self.trainable_encoder_layers} encoder layers, but the "
                     f"encoder has {len(layers)}: use a deeper encoder or set trainable_encoder_layers to "
                     f"at most {len(layers)}."
@@ -146,6 +167,11 @@ class StageLoss:
     per_head: dict[str, dict[str, torch.Tensor]]
 
 
+def heads_of(selection: Heads, available) -> tuple[str, ...]:
+    """The heads a stage's selection names, given the student's heads in order (FC1 first)."""
+    return tuple(available) if selection == ALL_HEADS else selection
+
+
 STAGES: Mapping[int, StageSpec] = MappingProxyType(
     {
         1: StageSpec(
@@ -159,6 +185,7 @@ STAGES: Mapping[int, StageSpec] = MappingProxyType(
             learning_rate=1e-4,
             steps=4000,
             batch_size=128,
+            starts_from_encoder=True,
         ),
         2: StageSpec(
             stage=2,
@@ -174,11 +201,11 @@ STAGES: Mapping[int, StageSpec] = MappingProxyType(
         ),
         3: StageSpec(
             stage=3,
-            trainable_heads=HEADS,
+            trainable_heads=ALL_HEADS,
             trainable_encoder_layers="all",
             train_vision_tower=False,
             cosine_heads=(TARGET_HEAD,),
-            similarity_heads=HEADS,
+            similarity_heads=ALL_HEADS,
             teacher="target",
             learning_rate=7e-5,
             steps=2200,
@@ -189,8 +216,8 @@ STAGES: Mapping[int, StageSpec] = MappingProxyType(
             trainable_heads=(),
             trainable_encoder_layers=0,
             train_vision_tower=True,
-            cosine_heads=HEADS,
-            similarity_heads=HEADS,
+            cosine_heads=ALL_HEADS,
+            similarity_heads=ALL_HEADS,
             teacher="caption",
             learning_rate=1e-4,
             steps=3500,
@@ -217,17 +244,18 @@ def stage_loss(spec: StageSpec, head_outputs: Mapping[str, torch.Tensor], target
         loss = stage_loss(spec, model.encode_text(input_ids, attention_mask), targets)
         loss.total.backward()  # log loss.components / loss.per_head
     """
-    missing = sorted(set(spec.cosine_heads + spec.similarity_heads) - set(head_outputs))
+    cosine_heads, similarity_heads = heads_of(spec.cosine_heads, head_outputs), heads_of(spec.similarity_heads, head_outputs)
+    missing = sorted(set(cosine_heads + similarity_heads) - set(head_outputs))
     if missing:
         raise ValueError(
             f"Stage {spec.stage} needs the outputs of heads {missing}, got {sorted(head_outputs)}: pass the "
             "full dict the student returns."
         )
-    teachers = _teachers_per_head(spec, head_outputs, targets)
+    teachers = _teachers_per_head(spec, head_outputs, targets, set(cosine_heads + similarity_heads))
     per_head: dict[str, dict[str, torch.Tensor]] = {}
-    for head in spec.cosine_heads:
+    for head in cosine_heads:
         per_head.setdefault(head, {})["cosine"] = cosine_loss(head_outputs[head], teachers[head])
-    for head in spec.similarity_heads:
+    for head in similarity_heads:
         values = per_head.setdefault(head, {})
         values["similarity"] = similarity_loss(head_outputs[head], teachers[head])
         values["relative_similarity"] = relative_similarity_loss(head_outputs[head], teachers[head], spec.margin)
@@ -240,9 +268,8 @@ def stage_loss(spec: StageSpec, head_outputs: Mapping[str, torch.Tensor], target
 
 
 def _teachers_per_head(
-    spec: StageSpec, head_outputs: Mapping[str, torch.Tensor], targets: Targets
+    spec: StageSpec, head_outputs: Mapping[str, torch.Tensor], targets: Targets, heads: set[str]
 ) -> dict[str, torch.Tensor]:
-    heads = set(spec.cosine_heads + spec.similarity_heads)
     if spec.teacher == "caption":
         if not isinstance(targets, Mapping) or not heads <= set(targets):
             raise ValueError(

@@ -85,6 +85,7 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     if stage not in STAGES:
         raise DistillError(f"--stage {stage}: Jasper has stages 1, 2, 3 and 4.")
     spec = config.stage(stage)
+    check_inputs(config, spec)
     folder = stage_folder(config, stage)
     resume_from = checkpoint.latest(folder.checkpoints)
     if resume_from:
@@ -107,13 +108,15 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
     accelerator.wait_for_everyone()
     start_trackers(accelerator, spec, folder, start)
     set_seed(config.seed)
-    model, tokenizer = load_student(config, stage, folder, init_from, resumed=saved is not None, accelerator=accelerator)
+    model, tokenizer = load_student(config, spec, folder, init_from, resumed=saved is not None, accelerator=accelerator)
     spec.apply(model)
     if not config.encoder_dropout:
         disable_dropout(model.text_encoder)
-    pooled = start_stage1(config, model, tokenizer, accelerator, saved, init_from) if stage == 1 else None
-    if stage == 3 and saved is None and config.stage3_heads_from_fc1:
-        start_stage3_heads(config, model, tokenizer, accelerator)
+    pooled = pooled_rows(config, spec, model, tokenizer, accelerator, saved)
+    if saved is None:
+        start_heads(config, spec, model, tokenizer, accelerator, pooled, init_from)
+        if spec.starts_from_encoder:
+            save_student(accelerator, model, tokenizer, folder.start)  # the report's "student init"
     if config.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -142,12 +145,18 @@ def _train_stage(config: TrainConfig, stage: int, init_from: str | Path | None) 
 
 
 # ---------------------------------------------------------------------- set-up
+def check_inputs(config: TrainConfig, spec: StageSpec) -> None:
+    """Before anything is built: the stage's inputs are there (the store opens; stage 4 has its pairs)."""
+    if spec.teacher == "target":
+        open_store(config)
+    elif not config.images:
+        raise DistillError(f"stage {spec.stage} trains on image-caption pairs: set `images:` to their folder.")
+
+
 def make_accelerator(config: TrainConfig, spec: StageSpec, folder: StageFolder) -> Accelerator:
     """DeepSpeed ZeRO-2 (the shipped config) or DDP; bf16 on GPU."""
     cuda = torch.cuda.is_available()
     strategy = config.strategy if config.strategy != "auto" else ("deepspeed" if cuda else "ddp")
-    if strategy not in ("deepspeed", "ddp"):
-        raise DistillError(f"strategy={config.strategy!r}: use auto, deepspeed or ddp.")
     precision = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if cuda else "no")
     trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     options = dict(
@@ -185,16 +194,17 @@ def start_trackers(accelerator: Accelerator, spec: StageSpec, folder: StageFolde
     )
 
 
-def load_student(config: TrainConfig, stage: int, folder: StageFolder, init_from, resumed: bool,
+def load_student(config: TrainConfig, spec: StageSpec, folder: StageFolder, init_from, resumed: bool,
                  accelerator: Accelerator) -> tuple[JasperStudent, object]:
     """The stage's start model, and its tokenizer (saved under the stage's model/ for resumes)."""
     architecture = folder.model
     if resumed:
         # the checkpoint overwrites every weight: only the architecture is needed
         return JasperStudent(JasperConfig.from_pretrained(architecture)), AutoTokenizer.from_pretrained(architecture)
-    if stage == 1 and init_from is None:
+    if spec.starts_from_encoder and init_from is None:
         model, tokenizer = base_student(config)
     else:
+        stage = spec.stage
         source = Path(init_from) if init_from else stage_folder(config, stage - 1).final
         if not holds_student(source):
             raise DistillError(
@@ -210,34 +220,31 @@ def load_student(config: TrainConfig, stage: int, folder: StageFolder, init_from
     return model, tokenizer
 
 
-def start_stage1(config: TrainConfig, model: JasperStudent, tokenizer, accelerator: Accelerator, saved: dict | None,
-                 init_from) -> PooledRows | None:
-    """On the stage's device: the rows' pooled states, encoded once (`stage1_pooled`), and on a fresh
-    start from the text encoder the heads' least-squares fit (`fc1_init: lstsq`)."""
+def pooled_rows(config: TrainConfig, spec: StageSpec, model: JasperStudent, tokenizer, accelerator: Accelerator,
+                saved: dict | None) -> PooledRows | None:
+    """`stage1_pooled` on a stage whose encoder is frozen (stage 1): the training rows' pooled states,
+    encoded once on the stage's device; None otherwise."""
+    if not (config.stage1_pooled and spec.encoder_frozen):
+        return None
     model.to(accelerator.device)
-    pooled = None
-    if config.stage1_pooled:
-        store = open_store(config)
-        pooled = PooledRows.encode(model, tokenizer, store, training_shards(store, config, saved), config.max_length)
-    if init_from is None and saved is None:
+    store = open_store(config)
+    return PooledRows.encode(model, tokenizer, store, training_shards(store, config, saved), config.max_length)
+
+
+def start_heads(config: TrainConfig, spec: StageSpec, model: JasperStudent, tokenizer, accelerator: Accelerator,
+                pooled: PooledRows | None, init_from) -> None:
+    """On a fresh start, the heads where the stage's row says they start: from the configured encoder
+    (stage 1), `fc1_init`; where the smaller heads start training (stage 3), `stage3_heads_from_fc1`:
+    FC1's geometry over the encoder as the previous stage left it, on the store's first
+    `fc1_init_rows` usable rows."""
+    if spec.starts_from_encoder and init_from is None:
+        model.to(accelerator.device)
         fit_initial_heads(config, model, tokenizer, pooled)
-    return pooled
-
-
-def start_stage3_heads(config: TrainConfig, model: JasperStudent, tokenizer, accelerator: Accelerator) -> None:
-    """`stage3_heads_from_fc1`: the smaller heads from FC1's geometry over the encoder stage 2 left,
-    on the pooled states of the store's first `fc1_init_rows` usable rows."""
-    model.to(accelerator.device)
-    _, texts, _ = store_sample(config, config.fc1_init_rows, targets=False)  # FC1 is the target here
-    heads_from_fc1(model, model.encode_pooled(tokenizer, texts, max_length=config.max_length))
-    print(f"stage 3: smaller heads from FC1's outputs on {len(texts)} rows")
-
-
-def initial_student(config: TrainConfig) -> tuple[JasperStudent, object]:
-    """Stage 1's start: the configured text encoder + vision tower, heads from `config.fc1_init`."""
-    model, tokenizer = base_student(config)
-    fit_initial_heads(config, model, tokenizer)
-    return model, tokenizer
+    if spec.trains_smaller_heads and config.stage3_heads_from_fc1:
+        model.to(accelerator.device)
+        _, texts, _ = store_sample(config, config.fc1_init_rows, targets=False)  # FC1 is the target here
+        heads_from_fc1(model, model.encode_pooled(tokenizer, texts, max_length=config.max_length))
+        print(f"stage {spec.stage}: smaller heads from FC1's outputs on {len(texts)} rows")
 
 
 def base_student(config: TrainConfig) -> tuple[JasperStudent, object]:
@@ -258,8 +265,6 @@ def fit_initial_heads(config: TrainConfig, model: JasperStudent, tokenizer, pool
     usable rows (their states from `pooled` when stage 1 encoded them already)."""
     if config.fc1_init == "random":
         return
-    if config.fc1_init != "lstsq":
-        raise DistillError(f"fc1_init={config.fc1_init!r}: use 'random' (the paper) or 'lstsq'.")
     rows, texts, targets = store_sample(config, config.fc1_init_rows)
     states = pooled.of(rows) if pooled is not None else model.encode_pooled(tokenizer, texts,
                                                                               max_length=config.max_length)
@@ -324,8 +329,6 @@ def make_batches(config: TrainConfig, spec: StageSpec, model: JasperStudent,
         dataset = lambda epoch, start: StoreBatches(  # noqa: E731
             plan, epoch, start, config.store, config.storage_options, tokenizer, config.max_length)
     else:
-        if not config.images:
-            raise DistillError("stage 4 trains on image-caption pairs: set `images:` to their folder.")
         pairs = load_pairs(config.images)
         captions = folder.caption_store
         if accelerator.is_main_process:
@@ -381,7 +384,7 @@ def train_loop(recipe: Recipe, step: int, log_every: int) -> None:
     accelerator, model, optimizer, scheduler = recipe.accelerator, recipe.model, recipe.optimizer, recipe.scheduler
     spec, batches, folder = recipe.spec, recipe.batches, recipe.folder
     model.train()
-    if spec.trainable_encoder_layers == 0 and not spec.train_vision_tower:
+    if spec.encoder_frozen:
         # stage 1: the encoder only feeds FC1 (no gradient passes through it), so it runs as it
         # will be used, without dropout; this is what makes encoding it once (`pooled`) exact
         accelerator.unwrap_model(model).text_encoder.eval()
@@ -490,16 +493,23 @@ def _logged_step(line: str) -> float:
 
 def save_final(accelerator: Accelerator, model, tokenizer, folder: StageFolder, stage: int,
                config: TrainConfig) -> Path:
-    """save_pretrained (safetensors) + tokenizer into the stage's final/, atomically."""
-    state = accelerator.get_state_dict(model)
-    final, tmp = folder.final, folder.final_staging
+    """save_pretrained (safetensors) + tokenizer + training.json into the stage's final/, atomically."""
+    save_student(accelerator, model, tokenizer, folder.final, {"stage": stage, "config": config.to_dict()})
+    accelerator.end_training()
+    return folder.final
+
+
+def save_student(accelerator: Accelerator, model, tokenizer, target: Path, training: dict | None = None) -> None:
+    """The student (as accelerate holds it, or not yet prepared) and its tokenizer into `target`: written
+    beside it (StageFolder.staging) and renamed into place, so `target` is whole or absent."""
+    state = accelerator.get_state_dict(model)  # every rank: DeepSpeed gathers it
     if accelerator.is_main_process:
+        tmp = StageFolder.staging(target)
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "training.json", {"stage": stage, "config": config.to_dict()})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if training is not None:
+            write_json_atomic(tmp / "training.json", training)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return final

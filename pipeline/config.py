@@ -25,6 +25,7 @@ from embed_cache.api.client import ApiSettings
 from embed_cache.config import BATCH_TOKENS, check_written_path, from_mapping, layered_mapping, without_credentials
 from embed_cache.corpus.prepare import PrepareConfig
 from embed_cache.errors import JasperError
+from embed_cache.teachers.spec import resolve_teacher
 from pipeline.run_folder import RunFolder
 
 
@@ -139,4 +140,29 @@ def fill_derived(config: PipelineConfig) -> PipelineConfig:
     bad = sorted(set(config.stages) - {1, 2, 3, 4})
     if bad or config.stages != sorted(set(config.stages)):
         raise PipelineError(f"stages={config.stages}: list stages from 1 to 4 in order, each once.")
+    check_across_phases(config)
     return config
+
+
+def check_across_phases(config: PipelineConfig) -> None:
+    """What only the whole config can tell, checked before the first phase runs (each phase's own
+    settings are checked when its section loads)."""
+    teachers = {spec.name: spec.dim for spec in map(resolve_teacher, config.cache.teachers)}
+    width, dims = sum(teachers.values()), config.train.student.head_dims
+    if dims[0] != width:
+        raise PipelineError(
+            f"train.student.head_dims[0]={dims[0]}, but the teachers' targets are {width}-d "
+            f"({' + '.join(f'{name} {dim}' for name, dim in teachers.items())}): FC1 learns the whole target, "
+            f"so set head_dims[0] to {width}.")
+    unknown = [dim for dim in config.export_dims or [] if dim not in dims]
+    if unknown:
+        raise PipelineError(f"export_dims={config.export_dims}: the student has no {unknown} head; its heads give "
+                            f"{dims}.")
+    for key in ("baseline", "gap_to"):
+        name = getattr(config.evaluation, key)
+        if name is not None and name not in teachers:
+            raise PipelineError(f"evaluation.{key}={name!r} is not one of the teachers ({', '.join(teachers)}): "
+                                "name a teacher, or leave it unset.")
+    if 4 in config.stages and not config.train.images:
+        raise PipelineError("stage 4 trains on image-caption pairs: set evaluation.images (or train.images) to "
+                            "their folder, or leave stage 4 out of `stages`.")

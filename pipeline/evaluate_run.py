@@ -19,8 +19,8 @@ Each student also records its "text fingerprint" (xxh3 of its text-side weights)
 side equals one already scored (stage 4 trains only the vision tower) reuses those text scores, and
 students with the same encoder (the init and stage 1, which trains FC1 only) run it once per text list.
 
-The student's init is stage 1's start (the text encoder with fresh heads and tower, seeded as
-training seeds it); each stage is its `final/` model. Fidelity is measured on held-out texts the
+The student's init is the model stage 1 started from, as stage 1 saved it (the stage's `start/`:
+the text encoder with its first heads and a fresh tower); each stage is its `final/` model. Fidelity is measured on held-out texts the
 teachers embedded into <out>/heldout.zarr; emoji retrieval on the pairs held out of stage 4.
 """
 
@@ -35,7 +35,8 @@ from transformers import AutoTokenizer
 
 from distill.images import load_pairs, text_fingerprint
 from distill.model import JasperStudent
-from distill.train import initial_student, stage_folder
+from distill.stage_folder import holds_student
+from distill.train import stage_folder
 from embed_cache.files import write_atomic
 from embed_cache.store.target_store import TargetStore
 from embed_cache.teachers.loading import load_teacher, prepare_texts
@@ -82,10 +83,7 @@ def evaluate_run(config: PipelineConfig, log=print) -> dict:
         if name in models:
             continue
         log(f"[evaluate] {name}")
-        if folder is None:
-            model, tokenizer = initial_student(config.train)
-        else:
-            model, tokenizer = JasperStudent.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = JasperStudent.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
         fingerprint = text_fingerprint(model)
         # a stage that left the text side as it was (stage 4 trains the vision tower only) has the
         # text scores of the model it started from: reuse them, score only the images
@@ -135,14 +133,16 @@ def held_out_data(config: PipelineConfig):
     return heldout, pairs
 
 
-def student_checkpoints(config: PipelineConfig) -> list[tuple[str, Path | None]]:
-    """("student init", None), then ("stage N", its final folder) for each finished stage."""
-    found = [("student init", None)]
-    for stage in config.stages:
-        folder = stage_folder(config.train, stage)
-        if folder.finished():
-            found.append((f"stage {stage}", folder.final))
-    return found
+def student_checkpoints(config: PipelineConfig) -> list[tuple[str, Path]]:
+    """("student init", the student stage 1 started from, as it saved it), then each finished stage."""
+    start = stage_folder(config.train, 1).start
+    return [*([("student init", start)] if holds_student(start) else []), *finished_stages(config)]
+
+
+def finished_stages(config: PipelineConfig) -> list[tuple[str, Path]]:
+    """("stage N", its final folder) for each of the run's stages that finished, in order."""
+    folders = {stage: stage_folder(config.train, stage) for stage in config.stages}
+    return [(f"stage {stage}", folder.final) for stage, folder in folders.items() if folder.finished()]
 
 
 def teacher_benchmarks(spec) -> dict[str, float]:

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 from distill.model import JasperStudent
 from pipeline.config import PipelineError
-from pipeline.evaluate_run import student_checkpoints, student_max_length
+from pipeline.evaluate_run import finished_stages, student_max_length
 from pipeline.run_folder import RunFolder
 
 
@@ -103,9 +103,10 @@ def check_tokenizer_round_trip(tokenizer, folder: Path, shown_as: Path) -> None:
 
 def export_final(config) -> list[Path]:
     """Every head (or `config.export_dims`) of the last finished stage -> <out>/export/dim-<D>."""
-    name, folder = student_checkpoints(config)[-1]
-    if folder is None:
+    stages = finished_stages(config)
+    if not stages:
         raise PipelineError("no stage has finished yet, so there is no student to export: run the stages first.")
+    folder = stages[-1][1]
     model = JasperStudent.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dims = config.export_dims or [head.out_features for head in model.heads.values()]
@@ -118,8 +119,8 @@ def export_final(config) -> list[Path]:
 def exports_current(config) -> bool:
     """True when the exports were written from the current last stage's final model."""
     record = _source_record(config)
-    _, folder = student_checkpoints(config)[-1]
-    return folder is not None and record.is_file() and record.read_text(encoding="utf-8") == _source(folder)
+    stages = finished_stages(config)
+    return bool(stages) and record.is_file() and record.read_text(encoding="utf-8") == _source(stages[-1][1])
 
 
 def _source_record(config) -> Path:

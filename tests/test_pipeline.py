@@ -174,6 +174,15 @@ def test_config_layers_preset_file_overrides_and_flags(tmp_path):
     with pytest.raises(PipelineError, match=r"train.name='mine' but name='tiny'"):
         load_pipeline_config("tiny", overrides=["train.name=mine"])
     assert load_pipeline_config("tiny", overrides=["seed=7", "train.seed=7"]).train.seed == 7
+    # what a later phase would refuse from the config alone is refused when it loads
+    with pytest.raises(PipelineError, match=r"head_dims\[0\]=64, but the teachers' targets are 96-d "
+                                            r"\(tiny-a 64 \+ tiny-b 32\).*set head_dims\[0\] to 96"):
+        load_pipeline_config("tiny", overrides=["train.student.head_dims=[64,32]"])
+    with pytest.raises(JasperError, match="stage3.batch_size=1"):
+        load_pipeline_config("tiny", overrides=["train.stage3.batch_size=1"])
+    with pytest.raises(PipelineError, match="evaluation.baseline='minilm' is not one of the teachers"):
+        load_pipeline_config("tiny", overrides=["evaluation.baseline=minilm"])
+    assert load_pipeline_config("tiny", overrides=["train.student.head_dims=[96,32]"]).train.student.head_dims == [96, 32]
     demo = load_pipeline_config()  # the embedded default
     assert demo.name == "demo" and demo.cache.teachers == ["mpnet", "minilm"]
     assert demo.train.student.head_dims == [1152, 512, 256, 128]
@@ -207,6 +216,9 @@ def test_cli_show_config_export_and_errors(tiny_run, tmp_path):
     assert SentenceTransformer(str(folder), device="cpu").encode(TEXTS).shape == (3, 32)
     wrong = cli("export", out / "train" / "stage3" / "final", "--dim", 5, "--out", tmp_path / "no")
     assert wrong.returncode == 2 and "no 5-d head" in wrong.stderr and "Traceback" not in wrong.stderr
+    refused = cli("run", "--preset", "tiny", "--out", tmp_path / "never", "--set", "train.student.head_dims=[64,32]")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and not (tmp_path / "never").exists()
+    assert "set head_dims[0] to 96" in refused.stderr
     missing = cli("eval", tmp_path / "nothing", "--preset", "tiny", "--out", out)
     assert missing.returncode == 2 and "holds no saved student" in missing.stderr
 

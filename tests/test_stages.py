@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import TINY_HEAD_DIMS, TINY_IMAGE_SIZE, tiny_student
 
+from distill.errors import DistillError
 from distill.losses import cosine_loss, relative_similarity_loss, similarity_loss
 from distill.model import image_inputs
 from distill.stages import STAGES, stage_loss
@@ -206,15 +207,26 @@ def test_wrong_targets_are_errors_with_the_fix():
         stage_loss(STAGES[4], heads, heads["fc1"])
     with pytest.raises(ValueError, match="one \\[batch, dim\\] tensor"):
         stage_loss(STAGES[1], heads, heads)
-    with pytest.raises(ValueError, match="needs the outputs of heads \\['fc2', 'fc3', 'fc4'\\]"):
-        stage_loss(STAGES[3], {"fc1": heads["fc1"]}, heads["fc1"])
+    with pytest.raises(ValueError, match="needs the outputs of heads \\['fc1'\\]"):
+        stage_loss(STAGES[1], {"fc2": heads["fc2"]}, heads["fc1"])
+
+
+def test_stage_3_trains_whatever_heads_the_student_has():
+    heads, target = random_heads(10), random_heads(11)["fc1"]
+    # one head: stage 3 is the stage-1 sum on it; two heads: the similarity terms averaged over both
+    assert stage_loss(STAGES[3], {"fc1": heads["fc1"]}, target).total.item() == pytest.approx(
+        paper_sum(heads["fc1"], target).item(), rel=1e-12)
+    two = {"fc1": heads["fc1"], "fc2": heads["fc2"]}
+    expected = 10 * cosine_loss(heads["fc1"], target) + sum(
+        200 * similarity_loss(two[h], target) + 20 * relative_similarity_loss(two[h], target) for h in two) / 2
+    assert stage_loss(STAGES[3], two, target).total.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_invalid_specs_are_errors_with_the_fix(student):
     model, _ = student
-    with pytest.raises(ValueError, match=r"heads \['fc5'\], which this student lacks"):
+    with pytest.raises(DistillError, match=r"heads \['fc5'\], which this student lacks"):
         dataclasses.replace(STAGES[3], trainable_heads=("fc1", "fc5")).apply(model)
-    with pytest.raises(ValueError, match="at most 4"):
+    with pytest.raises(DistillError, match="at most 4"):
         dataclasses.replace(STAGES[2], trainable_encoder_layers=5).apply(model)
     with pytest.raises(ValueError, match="self_distillation .* teacher='target'"):
         dataclasses.replace(STAGES[4], self_distillation=True)

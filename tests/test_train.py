@@ -394,13 +394,14 @@ def test_cli_status_and_user_errors(tmp_path):
 
 
 def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
-    from distill.train import initial_student
-
     store = word_store(tmp_path / "store", n=96, shard_rows=32, chunk_rows=16)
     # heads: FC1, one wider than the encoder (hidden 32 + the bias: 33 dims reach FC1's rank), smaller ones
     config = load_config(config_file(tmp_path, store.url), ["fc1_init=lstsq", "fc1_init_rows=80",
                                                              f"student.head_dims=[{TARGET_DIM},40,16,4]"])
-    model, tokenizer = initial_student(config)
+    fitted = run(config, 1).parent
+    # stage 1 saved the student it started from once (the report's init reads it back)
+    model = JasperStudent.from_pretrained(fitted / "start", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(fitted / "start")
     # independent expectation: numpy's least squares on the same pooled states (3 shards: 32 + 32 + 16 rows)
     texts, targets = store.read_texts(0, 80), store.read_targets(0, 80).astype(np.float64)
     design = np.hstack([model.encode_pooled(tokenizer, texts, max_length=16).numpy(), np.ones((80, 1))])
@@ -409,11 +410,10 @@ def test_fc1_from_the_least_squares_fit_of_the_stores_targets(tmp_path):
     np.testing.assert_allclose(model.heads["fc1"].bias.detach().numpy(), expected[-1], atol=1e-3)
     assert_smaller_heads_are_fc1_projected(model, design[:, :-1], design @ expected)
     # stage 1 starts closer to the targets than from a random FC1
-    fitted = run(config, 1).parent
     random_start = run(load_config(config_file(tmp_path / "random", store.url)), 1).parent
     assert losses(fitted)[0][3] < losses(random_start)[0][3]  # the first step's cosine loss
     with pytest.raises(DistillError, match="fc1_init='pca'"):
-        initial_student(load_config(config_file(tmp_path, store.url), ["fc1_init=pca"]))
+        load_config(config_file(tmp_path, store.url), ["fc1_init=pca"])  # refused when the config loads
 
 
 def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_left(tmp_path):
@@ -432,9 +432,9 @@ def test_stage3_can_start_its_smaller_heads_from_fc1_over_the_encoder_stage2_lef
     with torch.no_grad():
         fc1_outputs = model.heads["fc1"](states).double().numpy()
     assert_smaller_heads_are_fc1_projected(model, states.double().numpy(), fc1_outputs)
-    with pytest.raises(DistillError, match="set fc1_init_rows to at least 40"):
-        run(load_config(config_file(tmp_path / "few", store.url, steps=1), [*overrides, "fc1_init_rows=20"]), 3,
-            init_from=start)
+    # too few rows for a head's width is refused from the config alone, before anything runs
+    with pytest.raises(DistillError, match="a 40-d head needs at least 40 of them \\(fc1_init_rows=20"):
+        load_config(config_file(tmp_path / "few", store.url, steps=1), [*overrides, "fc1_init_rows=20"])
 
 
 def assert_smaller_heads_are_fc1_projected(model: JasperStudent, states: np.ndarray, fc1_outputs: np.ndarray):
@@ -451,3 +451,15 @@ def assert_smaller_heads_are_fc1_projected(model: JasperStudent, states: np.ndar
     best = (vectors[:, -16:] * values[-16:]) @ vectors[:, -16:].T
     np.testing.assert_allclose(heads["fc3"] @ heads["fc3"].T, best, atol=tolerance)
     assert np.abs(best - gram).max() > 5 * tolerance  # 16 dims do lose something: the check above is not trivial
+
+
+def test_a_student_with_two_heads_trains_every_text_stage(tmp_path):
+    """Any number of heads from one up: stage 3 trains the whole text side with the heads there are."""
+    store = word_store(tmp_path / "store", n=64, shard_rows=32, chunk_rows=16)
+    config = load_config(config_file(tmp_path, store.url, steps=2), [f"student.head_dims=[{TARGET_DIM},8]"])
+    for stage in (1, 2, 3):
+        final = run(config, stage)
+    model = JasperStudent.from_pretrained(final)
+    assert list(model.heads) == ["fc1", "fc2"] and model.heads["fc2"].out_features == 8
+    logged = json.loads((final.parent / "log.jsonl").read_text().splitlines()[-1])
+    assert {"fc1/cosine", "fc1/similarity", "fc2/similarity", "fc2/relative_similarity"} <= set(logged)
