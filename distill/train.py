@@ -6,7 +6,9 @@ Read top to bottom, `run` does:
 2. build the student: stage 1 from `student.text_encoder` + `student.vision`, later stages from
    the previous stage's `final/` (or --init-from); a resumed stage rebuilds the architecture
    from its own saved config, so the original folders need not exist any more;
-3. freeze everything but the stage's trainable parameters (`StageSpec.apply`);
+3. freeze everything but the stage's trainable parameters (`StageSpec.apply`); on a fresh start,
+   set the heads where the stage's row of the table says they start (stage 1: `fc1_init`, stage 3:
+   `stage3_heads_from_fc1`) and, in stage 1, save the student it starts from to `start/`;
 4. batches: stages 1-3 read texts + teacher targets from the store (no teacher model is ever
    built); stage 4 reads image-caption pairs, its targets being the frozen student's caption
    vectors cached once in a small store;

@@ -188,6 +188,15 @@ def test_config_layers_preset_file_overrides_and_flags(tmp_path):
     assert demo.train.student.head_dims == [1152, 512, 256, 128]
 
 
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda path: path.stem)
+def test_the_readmes_example_configs_load_whole(example):
+    """The quickstarts' configs pass every load-time check (FC1 against the teachers, the heads'
+    projections, every stage's settings) on top of the default preset, as the README runs them."""
+    config = load_pipeline_config(path=example)
+    assert config.name.startswith("my-") and config.out == f"runs/{config.name}"
+    assert config.stages == [1, 2, 3] and config.cache.sources[0].path == "my-corpus.jsonl"
+
+
 @pytest.mark.slow
 def test_a_presets_sections_are_the_phases_config_files(tmp_path):
     """`show-config --section` is how the paper's phase configs are made: each loads in its phase
