@@ -496,15 +496,17 @@ def _logged_step(line: str) -> float:
 def save_final(accelerator: Accelerator, model, tokenizer, folder: StageFolder, stage: int,
                config: TrainConfig) -> Path:
     """save_pretrained (safetensors) + tokenizer + training.json into the stage's final/, atomically."""
-    save_student(accelerator, model, tokenizer, folder.final, {"stage": stage, "config": config.to_dict()})
+    state = accelerator.get_state_dict(model)  # every rank: DeepSpeed gathers it
+    save_student(accelerator, model, tokenizer, folder.final, state, {"stage": stage, "config": config.to_dict()})
     accelerator.end_training()
     return folder.final
 
 
-def save_student(accelerator: Accelerator, model, tokenizer, target: Path, training: dict | None = None) -> None:
-    """The student (as accelerate holds it, or not yet prepared) and its tokenizer into `target`: written
-    beside it (StageFolder.staging) and renamed into place, so `target` is whole or absent."""
-    state = accelerator.get_state_dict(model)  # every rank: DeepSpeed gathers it
+def save_student(accelerator: Accelerator, model, tokenizer, target: Path, state: dict | None = None,
+                 training: dict | None = None) -> None:
+    """The student and its tokenizer into `target`, written beside it (StageFolder.staging) and renamed
+    into place, so `target` is whole or absent. `state`: the weights of a prepared model, as
+    `accelerator.get_state_dict` gathers them; None for a model not yet prepared (stage 1's start)."""
     if accelerator.is_main_process:
         tmp = StageFolder.staging(target)
         shutil.rmtree(tmp, ignore_errors=True)

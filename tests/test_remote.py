@@ -115,6 +115,7 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
 
     from benchmarks.soak import losses
     from distill import checkpoint
+    from distill.stage_folder import StageFolder
 
     options, root = s3
     word_store(tmp_path / "local", n=256, shard_rows=64, chunk_rows=16)
@@ -149,7 +150,7 @@ def test_training_from_an_s3_store_resumes_in_another_process_and_directory(tmp_
                             cwd=tmp_path / "second", env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "resuming stage 1" in second.stdout, second.stdout[-2000:] + second.stderr[-2000:]
     resumed = tmp_path / "second" / "run" / "stage1"
-    assert losses(resumed) == losses(straight.parent)
+    assert losses(StageFolder(resumed)) == losses(StageFolder(straight.parent))
     expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(np.array_equal(weights[name].numpy(), expected[name].numpy()) for name in expected)
 
