@@ -148,20 +148,74 @@ class StudentHeads:
         return lambda texts: self.vectors(texts)[head]
 
 
-def fidelity(vectors: dict[str, np.ndarray], targets: np.ndarray) -> dict[str, dict[str, float]]:
-    """How close each head comes to the teacher targets of the same (held-out) texts.
+NEIGHBOURS = 10  # recall@10: the neighbours a head keeps of the teacher's ten nearest
+JACKKNIFE_GROUPS = 10
 
-    `cosine`: mean cosine of FC1 with the target (FC1 has the target's width; other heads do not).
-    `similarity spearman`: Spearman between the head's pairwise cosine similarities and the
-    targets' over all text pairs: the structure L_sim and L_resim train every head to keep.
+
+def fidelity(vectors: dict[str, np.ndarray], targets: np.ndarray, k: int = NEIGHBOURS) -> dict[str, dict[str, float]]:
+    """How much of the teacher each head keeps on held-out texts, the teacher being the targets of the
+    same texts (the teachers' normalised, concatenated vectors); each figure with its standard error
+    over the texts (`<name> error`), so a difference between heads or stages reads as what it is.
+
+    `cosine`: FC1's mean cosine to the target (FC1 has the target's width; the other heads do not).
+    `recall@10`: of the teacher's k nearest other held-out texts to each text, the share the head's k
+    nearest contain (exact: every pair compared, in blocks); what retrieval with the student would
+    return in place of the teacher's answers.
+    `similarity spearman`: Spearman between the head's and the targets' cosine similarities over all
+    text pairs, the structure L_sim and L_resim train every head to keep.
+    Errors: per-text means over n texts, std / sqrt(n); Spearman's, a grouped jackknife over the texts
+    (pairs that share a text are not independent).
     """
     targets = _unit(targets)
     upper = np.triu_indices(len(targets), k=1)
     teacher_similarities = (targets @ targets.T)[upper]
+    teacher_neighbours = nearest(targets, k)
     results = {}
     for head, raw in vectors.items():
         unit = _unit(raw)
-        results[head] = {"similarity spearman": float(spearmanr((unit @ unit.T)[upper], teacher_similarities)[0])}
+        student_similarities = (unit @ unit.T)[upper]
+        kept = neighbours_kept(nearest(unit, k), teacher_neighbours)
+        results[head] = {
+            "recall@10": float(kept.mean()), "recall@10 error": standard_error(kept),
+            "similarity spearman": float(spearmanr(student_similarities, teacher_similarities)[0]),
+            "similarity spearman error": jackknife_spearman_error(student_similarities, teacher_similarities,
+                                                                  upper, len(unit)),
+        }
         if unit.shape[1] == targets.shape[1]:
-            results[head]["cosine"] = float((unit * targets).sum(1).mean())
+            cosines = (unit * targets).sum(1)
+            results[head].update({"cosine": float(cosines.mean()), "cosine error": standard_error(cosines)})
     return results
+
+
+def nearest(unit: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """The k nearest other rows of each row by dot product, (n, k) indices in no order; blocks of rows
+    against all, so memory stays at block x n."""
+    found = np.empty((len(unit), k), dtype=np.int64)
+    for first in range(0, len(unit), block):
+        similarities = unit[first:first + block] @ unit.T
+        rows = np.arange(len(similarities))
+        similarities[rows, first + rows] = -np.inf  # a text is not its own neighbour
+        found[first:first + block] = np.argpartition(-similarities, k, axis=1)[:, :k]
+    return found
+
+
+def neighbours_kept(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Per row, the share of the teacher's neighbours among the student's (both (n, k))."""
+    return (student[:, :, None] == teacher[:, None, :]).any(axis=2).mean(axis=1)
+
+
+def standard_error(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def jackknife_spearman_error(student: np.ndarray, teacher: np.ndarray, pairs: tuple[np.ndarray, np.ndarray],
+                             n: int, groups: int = JACKKNIFE_GROUPS) -> float:
+    """Standard error of the pairwise Spearman by a delete-a-group jackknife: the texts in `groups`
+    contiguous groups, each left out in turn with every pair it is in."""
+    group = np.arange(n) * groups // n
+    estimates = []
+    for left_out in range(groups):
+        keep = (group[pairs[0]] != left_out) & (group[pairs[1]] != left_out)
+        estimates.append(spearmanr(student[keep], teacher[keep])[0])
+    estimates = np.asarray(estimates)
+    return float(np.sqrt((groups - 1) / groups * ((estimates - estimates.mean()) ** 2).sum()))

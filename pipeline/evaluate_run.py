@@ -7,7 +7,8 @@ Results go to <out>/eval.json, model by model (a rerun skips models already scor
                                                                    "wordnet ranks": [1, 3, ...]}},   # per query
         "student init":  {"prompt": "", "exports offer": {},
                           "heads": {"fc1": {"dim": 1152, "benchmarks": {...},
-                                            "fidelity": {"cosine": ..., "similarity spearman": ...},
+                                            "fidelity": {"cosine": ..., "recall@10": ...,
+                                                         "similarity spearman": ..., "<each> error": ...},
                                             "emoji": {"R@1": ..., "MRR": ...}}, ...}},
         "stage 1": ..., "stage 4": ...}}
 

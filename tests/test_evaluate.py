@@ -92,3 +92,39 @@ def test_students_with_one_encoder_run_it_once_and_keep_their_own_heads(tmp_path
             np.testing.assert_allclose(second[head], layer(alone).numpy(), atol=1e-5)
     np.testing.assert_allclose(second["fc1"], -2.0 * first["fc1"] + 3.0 * init.heads["fc1"].bias.detach().numpy(),
                                atol=1e-5)
+
+
+def test_agreement_with_the_teacher_by_hand():
+    """Four texts as unit vectors at angles: nearer angle, higher similarity (no ties)."""
+    from pipeline.evaluate import fidelity
+
+    def at(degrees):
+        radians = np.radians(degrees)
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+    teacher, student = at([0, 1, 3, 7]), at([0, 5, 6.5, 7])
+    one = fidelity({"fc1": student}, teacher, k=1)["fc1"]
+    # nearest other text: teacher 1, 0, 1, 2; student 1, 2, 3, 2: kept for texts 0 and 3
+    assert one["recall@10"] == pytest.approx(0.5)
+    assert one["recall@10 error"] == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
+    # two nearest: teacher {1,2} {0,2} {1,0} {2,1}, student {1,2} {2,3} {3,1} {2,1}: 1, 1/2, 1/2, 1 kept
+    assert fidelity({"fc1": student}, teacher, k=2)["fc1"]["recall@10"] == pytest.approx((1 + 0.5 + 0.5 + 1) / 4)
+    # pair gaps (01, 02, 03, 12, 13, 23): teacher 1 3 7 2 6 4, student 5 6.5 7 1.5 2 0.5; rank differences
+    # -3 -2 0 0 2 3, so rho = 1 - 6 * 26 / (6 * 35)
+    assert one["similarity spearman"] == pytest.approx(1 - 6 * 26 / (6 * 35))
+    assert one["cosine"] == pytest.approx(np.mean(np.cos(np.radians([0, 4, 3.5, 0]))))
+    # a head that is the teacher keeps everything, with no doubt about it
+    same = fidelity({"fc1": teacher, "fc2": np.hstack([teacher, np.zeros((4, 1))])}, teacher, k=1)
+    assert same["fc1"]["recall@10"] == same["fc1"]["similarity spearman"] == 1.0
+    assert same["fc1"]["recall@10 error"] == same["fc1"]["similarity spearman error"] == 0.0
+    assert "cosine" not in same["fc2"]  # a head of another width has no cosine to the target
+
+
+def test_nearest_neighbours_are_exact_across_blocks():
+    from pipeline.evaluate import nearest
+
+    vectors = np.random.default_rng(0).standard_normal((50, 8))
+    blocked = nearest(vectors, 3, block=7)  # blocks that do not divide the rows
+    brute = vectors @ vectors.T
+    np.fill_diagonal(brute, -np.inf)
+    assert (np.sort(blocked, axis=1) == np.sort(np.argsort(-brute, axis=1)[:, :3], axis=1)).all()

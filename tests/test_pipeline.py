@@ -80,6 +80,8 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
         heads = models[name]["heads"]
         assert [heads[h]["dim"] for h in heads] == [96, 32, 16, 8]
         assert all({"benchmarks", "fidelity", "emoji"} <= set(scores) for scores in heads.values())
+    agreement = models["stage 3"]["heads"]["fc2"]["fidelity"]
+    assert 0 <= agreement["recall@10"] <= 1 and agreement["recall@10 error"] > 0 and "cosine" not in agreement
     # stage 1 trains FC1 alone on the targets: FC1 moves towards them, the other heads do not move
     assert models["stage 1"]["heads"]["fc1"]["fidelity"]["cosine"] > models["student init"]["heads"]["fc1"]["fidelity"]["cosine"]
     assert models["stage 1"]["heads"]["fc2"] == models["student init"]["heads"]["fc2"]
@@ -103,7 +105,7 @@ def test_the_tiny_preset_writes_every_artifact(tiny_run):
     assert all(models[name]["prompt"] == "" and models[name]["exports offer"] == {} for name in STUDENTS)
 
     report = (out / "report.md").read_text()
-    for section in ("## Phases", "## Text benchmarks", "## Fidelity", "## Emoji", "plots/losses.png",
+    for section in ("## Phases", "## Text benchmarks", "## Agreement", "## Emoji", "plots/losses.png",
                     "Prompts: every model is scored on bare texts. The exports offer no prompt"):
         assert section in report
     assert "| stage 4 | fc1 | 96 |" in report

@@ -51,3 +51,17 @@ def test_the_report_says_which_prompts_models_were_scored_with_and_exports_offer
         "text. The exports offer the student's own prompts s2p_query, s2s_query: "
         "`encode(texts, prompt_name=...)`.")
     assert prompts_paragraph({"stage 3": {}}, ["stage 3"])[0] == "Prompts: every model is scored on bare texts."
+
+
+def test_agreement_rows_give_each_figure_with_its_error():
+    from pipeline.report import agreement_section
+
+    fc1 = {"cosine": 0.864, "cosine error": 0.0021, "recall@10": 0.5, "recall@10 error": 0.01,
+           "similarity spearman": 0.9, "similarity spearman error": 0.003}
+    models = {"stage 3": {"heads": {"fc1": {"dim": 1152, "fidelity": fc1},
+                                    "fc2": {"dim": 512, "fidelity": {"similarity spearman": 0.8}}}}}
+    lines = agreement_section(models, ["stage 3"])
+    assert lines[0] == "## Agreement with the teachers on held-out texts"
+    assert "| stage 3 | fc1 | 1152 | 0.8640 ± 0.0021 | 0.5000 ± 0.0100 | 0.9000 ± 0.0030 |" in lines
+    assert "| stage 3 | fc2 | 512 |  |  | 0.8000 |" in lines  # no cosine at 512-d; scored before errors existed
+    assert agreement_section({"stage 3": {"heads": {"fc1": {"dim": 8}}}}, ["stage 3"]) == []
