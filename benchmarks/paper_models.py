@@ -36,7 +36,7 @@ from benchmarks.table import Row, markdown
 from embed_cache.models.native import set_attention
 from embed_cache.models.nvembed import FF_MULT, LATENT_DEFAULTS, LatentAttentionPooling
 
-# From the hub repositories' config.json at the pinned revisions (README: teachers).
+# From the hub repositories' config.json at the pinned revisions (docs/teachers.md).
 NVEMBED_TEXT = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
                     rope_theta=10000.0)

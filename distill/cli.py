@@ -39,7 +39,7 @@ def run_command(
 ):
     """Train one stage; rerun the same command to resume from its latest checkpoint.
 
-    Multi-GPU: `accelerate launch --num_processes 8 -m distill run --stage 1 --config FILE` (see the README, "Launching").
+    Multi-GPU: `accelerate launch --num_processes 8 -m distill run --stage 1 --config FILE` (see docs/training.md, "Launching").
     """
     extra = [f"stage{stage}.steps={max_steps}"] if max_steps is not None else []
     settings = load_config(config, [*overrides, *extra], run_dir=run_dir, allow_partial=allow_partial or None)

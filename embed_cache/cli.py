@@ -34,7 +34,7 @@ def main() -> None:
 
 @app.command("prepare")
 def prepare_command(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML with `sources:`, `teachers:`, `total:` (see README)."),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML with `sources:`, `teachers:`, `total:` (see docs/store.md)."),
     out: str = typer.Option(None, "--out", "-o", help="Store path or fsspec URL to create; overrides `out:`."),
     total: int = typer.Option(None, help="Number of texts to prepare; overrides `total:`."),
     seed: int = typer.Option(None, help="Seed for mixing, augmentation and row order; overrides `seed:`."),

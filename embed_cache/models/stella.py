@@ -5,7 +5,7 @@
       -> mean pooling over the attention mask (the EOS and any prompt included)
       -> Dense 1536 -> 8192 with bias, no activation (the ``2_Dense_8192`` folder)
 
-Why these defaults (the README's teacher table gives the sources): the repository's
+Why these defaults (docs/teachers.md gives the sources): the repository's
 ``modeling_qwen.py`` (the gte-Qwen2 code) defines ``Qwen2Model.forward(..., is_causal=False)`` and
 builds a padding-only 4-D mask unless a caller passes ``is_causal=True``, which
 sentence-transformers never does; its ``tokenization_qwen.py`` adds the EOS in a post-processor
