@@ -194,6 +194,7 @@ def build(
             try:
                 plan = [store.pending_shards(teacher)]
                 if spec.provider != "local":  # what it will cost, before anything is spent
+                    clear_landed_journals(store, spec, storage_options)
                     check_estimate(store, spec, plan[0], api or ApiSettings(), storage_options, log)
             except BaseException:
                 lock.release()
@@ -231,6 +232,15 @@ def _encoder(store, spec, batch_tokens, device, api, storage_options):
         return ShardEncoder(spec, len(store.teachers), device, batch_tokens)
     journal = Journal(store.url, spec.name, storage_options)
     return ApiShardEncoder(spec, len(store.teachers), api or ApiSettings(), journal)
+
+
+def clear_landed_journals(store, spec, storage_options) -> None:
+    """Remove the journals of shards already done: a build killed after a shard's done record and
+    before its journal went (ShardWriter's on_done) left it, and no later build revisits a done shard."""
+    journal = Journal(store.url, spec.name, storage_options)
+    for shard in journal.shards():
+        if store.shard_done(spec.name, shard):
+            journal.clear(shard)
 
 
 def check_estimate(store, spec, shards, api: ApiSettings, storage_options, log) -> Estimate:

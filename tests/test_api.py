@@ -179,6 +179,20 @@ def test_a_build_stopped_mid_shard_pays_again_only_for_what_was_not_answered(tmp
     assert not Journal(url, spec.name).shards()
 
 
+def test_a_kill_between_a_shards_done_record_and_its_journals_removal_leaves_nothing_behind(tmp_path, server,
+                                                                                             monkeypatch):
+    spec = teacher(server, "openai:text-embedding-3-small")
+    url = prepared(tmp_path, [spec], shard_rows=80, texts=TEXTS)  # two shards
+    # the build lands shard 0 (data and done record) and dies before its journal is removed
+    monkeypatch.setattr(Journal, "clear", lambda self, shard: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        build(url, spec.name, progress=False, log=quiet, api=ApiSettings(concurrency=1))
+    monkeypatch.undo()
+    assert TargetStore.open(url).pending_shards(spec.name) == [1] and 0 in Journal(url, spec.name).shards()
+    build(url, spec.name, progress=False, log=quiet)  # the rerun skips shard 0, and drops its journal
+    assert TargetStore.open(url).pending_shards(spec.name) == [] and not Journal(url, spec.name).shards()
+
+
 def test_the_journal_lives_on_object_stores_too():
     journal = Journal("memory://bucket/store.zarr", "openai-x")
     keys = np.arange(8, dtype=np.uint64).reshape(4, 2)
