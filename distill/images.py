@@ -8,8 +8,8 @@ image_size, rescale to [0, 1], normalize with mean 0.5 / std 0.5 (so pixels lie 
 
 Caption targets: in stage 4 the teacher is the frozen student's own text path (its text side
 does not train in stage 4). Its caption vectors are computed once and cached in a phase-1 target
-store (`embed_cache.corpus.prepare.prepare_texts`, then write_shard/mark_done; looked up by caption hash with
-vectors_for).
+store (`embed_cache.corpus.prepare.prepare_store_of`, then write_shard/mark_done; looked up by caption
+hash with vectors_for).
 The store has one "teacher" named `student` whose columns hold the heads side by side in head
 order (FC1 first): [fc1 | fc2 | fc3 | fc4]; each head's block is L2-normalised and scaled by
 1/sqrt(heads), so rows have norm 1 like every store row. (One teacher per head would not fit the
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from distill.data import BlockPlan, WindowedBatches
 from distill.errors import DistillError
 from distill.model import JasperStudent, image_inputs
-from embed_cache.corpus.prepare import prepare_texts
+from embed_cache.corpus.prepare import prepare_store_of
 from embed_cache.errors import CacheError
 from embed_cache.store.target_store import TargetStore
 from embed_cache.teachers.spec import TeacherSpec
@@ -129,7 +129,7 @@ def build_caption_targets(model: JasperStudent, tokenizer, captions: list[str], 
             return
     except CacheError:
         pass  # absent, from another student, or unfinished: build it afresh
-    report = prepare_texts(captions, [spec], url)
+    report = prepare_store_of(captions, [spec], url)
     store = TargetStore.open(url, mode="r+", teacher=spec)
     scale = len(model.config.head_dims) ** -0.5
     for shard in tqdm(range(store.n_shards), desc="caption targets", unit="shard"):

@@ -122,13 +122,14 @@ class StageSpec:
 
     def trainable_parameter_names(self, model: JasperStudent) -> set[str]:
         """Names (as in ``model.named_parameters()``) of the parameters this stage trains."""
-        unknown_heads = sorted(set(heads_of(self.trainable_heads, model.heads)) - set(model.heads))
+        heads = heads_of(self.trainable_heads, model.heads)
+        unknown_heads = sorted(set(heads) - set(model.heads))
         if unknown_heads:
             raise DistillError(
                 f"Stage {self.stage} trains heads {unknown_heads}, which this student lacks (it has "
                 f"{sorted(model.heads)}): give the stage heads the student has."
             )
-        trainable_modules = [model.heads[name] for name in heads_of(self.trainable_heads, model.heads)]
+        trainable_modules = [model.heads[name] for name in heads]
         if self.trainable_encoder_layers == "all":
             trainable_modules.append(model.text_encoder)
         elif self.trainable_encoder_layers:
@@ -244,7 +245,8 @@ def stage_loss(spec: StageSpec, head_outputs: Mapping[str, torch.Tensor], target
         loss = stage_loss(spec, model.encode_text(input_ids, attention_mask), targets)
         loss.total.backward()  # log loss.components / loss.per_head
     """
-    cosine_heads, similarity_heads = heads_of(spec.cosine_heads, head_outputs), heads_of(spec.similarity_heads, head_outputs)
+    cosine_heads = heads_of(spec.cosine_heads, head_outputs)
+    similarity_heads = heads_of(spec.similarity_heads, head_outputs)
     missing = sorted(set(cosine_heads + similarity_heads) - set(head_outputs))
     if missing:
         raise ValueError(

@@ -97,7 +97,8 @@ def load_pipeline_config(preset: str | None = "demo", path: str | Path | None = 
     if preset and preset not in preset_names():
         raise PipelineError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}.")
     data = layered_mapping([PRESETS / f"{preset}.yaml" if preset else None, path or None], overrides, {"out": out})
-    data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: RunFolder.of(Path(data.get("out", "runs/demo")).resolve()).tiny_models})
+    tiny = RunFolder.of(Path(data.get("out", "runs/demo")).resolve()).tiny_models
+    data = expand_paths(data, {DATA_PREFIX: DATA, TINY_PREFIX: tiny})
     config = from_mapping(PipelineConfig, data, where=str(path or f"preset {preset}"))
     for key in ("seed", "name"):  # the pipeline's own, passed down: a different train.<key> would be lost
         given = (data.get("train") or {}).get(key)

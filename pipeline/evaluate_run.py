@@ -21,8 +21,9 @@ side equals one already scored (stage 4 trains only the vision tower) reuses tho
 students with the same encoder (the init and stage 1, which trains FC1 only) run it once per text list.
 
 The student's init is the model stage 1 started from, as stage 1 saved it (the stage's `start/`:
-the text encoder with its first heads and a fresh tower); each stage is its `final/` model. Fidelity is measured on held-out texts the
-teachers embedded into <out>/heldout.zarr; emoji retrieval on the pairs held out of stage 4.
+the text encoder with its first heads and a fresh tower); each stage is its `final/` model. Fidelity
+(agreement with the teachers) is measured on held-out texts the teachers embedded into
+<out>/heldout.zarr; emoji retrieval on the pairs held out of stage 4.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ _NUMBER_LIST = re.compile(r"\[(?:\s*-?\d+,)*\s*-?\d+\s*\]")
 def save_results(out: Path, results: dict) -> None:
     """eval.json, indented, with each list of ranks on one line (~2,000 per task and head)."""
     text = json.dumps(results, indent=1)
-    write_atomic(RunFolder.of(out).eval_results, _NUMBER_LIST.sub(lambda found: re.sub(r"\s+", "", found.group()), text))
+    text = _NUMBER_LIST.sub(lambda found: re.sub(r"\s+", "", found.group()), text)
+    write_atomic(RunFolder.of(out).eval_results, text)
 
 
 def evaluate_run(config: PipelineConfig, log=print) -> dict:

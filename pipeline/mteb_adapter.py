@@ -67,6 +67,7 @@ class MTEBStudent(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
-        vectors = self.model.encode(self.tokenizer, texts, head=self.head, prompt=self.prompt_for(task_metadata, prompt_type),
+        prompt = self.prompt_for(task_metadata, prompt_type)
+        vectors = self.model.encode(self.tokenizer, texts, head=self.head, prompt=prompt,
                                     batch_size=self.batch_size, max_length=self.max_length)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

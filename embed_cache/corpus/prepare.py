@@ -361,7 +361,7 @@ def prepare(config: PrepareConfig, log=print) -> dict:
     return report
 
 
-def prepare_texts(texts: list[str], teachers: list, out: str | Path) -> dict:
+def prepare_store_of(texts: list[str], teachers: list, out: str | Path) -> dict:
     """A new store at `out` (replacing any there) holding exactly `texts`, duplicates dropped, no
     augmentation, rows shuffled as `prepare` shuffles them: a store of given texts (stage 4's captions)."""
     unique = list(dict.fromkeys(texts))

@@ -113,8 +113,8 @@ def store_state(url: str | Path, storage_options: dict | None = None) -> StoreSt
         if group is not None and group.attrs.get("prepared") is False:
             return StoreState(exists=True, prepared=False, pending={})
         raise
-    return StoreState(exists=True, prepared=True,
-                      pending={columns.spec.name: store.pending_shards(columns.spec.name) for columns in store.teachers})
+    names = [columns.spec.name for columns in store.teachers]
+    return StoreState(exists=True, prepared=True, pending={name: store.pending_shards(name) for name in names})
 
 
 class TargetStore:
